@@ -1,0 +1,414 @@
+"""The ASGI application: FastAPI and python-socketio, and the parts they share.
+
+``create_app()`` builds one ``Gateway`` (store, writer, indexer, telemetry) and
+returns a single ASGI app: Socket.IO on ``/socket.io/``, FastAPI for the rest.
+The FastAPI lifespan starts and stops the gateway's parts in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pymongo
+import socketio
+from bson import ObjectId
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.trace import TracerProvider
+from pymongo import WriteConcern
+
+from service import __version__
+from service.api import ERRORS, error_response, router
+from service.auth import load_secret
+from service.embedded import EmbeddedMongo
+from service.embedders import Embedder, create_embedder
+from service.errors import ChatError, InvalidPayload, StoreUnavailable
+from service.indexer import Indexer
+from service.logs import configure_logging
+from service.messages import MessageService
+from service.metrics import Metrics
+from service.monitors import Monitors
+from service.settings import Settings
+from service.sockets import SocketGateway, create_socket_server
+from service.store import MessageStore, message_view
+from service.tracing import Tracing, create_tracer_provider
+from service.vectors import VectorIndex
+
+__all__ = ["Gateway", "create_app"]
+
+logger = logging.getLogger("chat.app")
+STATIC_DIR = Path(__file__).parent / "static"
+_STATUS = {cls.code: cls.http_status for cls in ChatError.__subclasses__()}
+
+
+def _redact(uri: str) -> str:
+    """Hide the password in a connection string."""
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", uri)
+
+
+class Gateway:
+    """Everything one gateway process runs, wired together."""
+
+    def __init__(
+        self, settings: Settings, tracer_provider: TracerProvider | None
+    ) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.tracing = Tracing(tracer_provider)
+        self.secret = load_secret(settings.jwt_secret, settings.data_dir, create=True)
+        self.embedded: EmbeddedMongo | None = None
+        self.closing = False
+        self.started = time.monotonic()
+        self.last_scrape_seconds = 0.0
+
+        self.sio = create_socket_server(settings)
+        self.store: MessageStore
+        self.writer: Any = None
+        self.indexer: Indexer | None = None
+        self.embedder: Embedder | None = None
+        self.vectors: VectorIndex | None = None
+        self.service: MessageService
+        self.sockets: SocketGateway
+        self.monitors: Monitors
+        self._metrics_server: Any = None
+
+    @staticmethod
+    def error_status(code: str) -> int:
+        return _STATUS.get(code, 500)
+
+    # -- start and stop -----------------------------------------------------
+
+    async def start(self) -> None:
+        from service.writer import BatchWriter
+
+        settings = self.settings
+        uri = settings.mongodb_uri
+        if not uri:
+            self.embedded = EmbeddedMongo(settings.data_dir / "secantusdb")
+            await asyncio.to_thread(self.embedded.start)
+            uri = self.embedded.uri
+
+        self.store = MessageStore(
+            uri,
+            settings.mongodb_database,
+            timeout_seconds=settings.mongo_timeout_seconds,
+            write_concern=WriteConcern(
+                w=settings.write_concern_w, j=settings.write_journal
+            ),
+        )
+        await self._ensure_indexes()
+
+        self.writer = BatchWriter(self.store, settings, self.metrics, self.tracing)
+        if settings.indexing_enabled:
+            self.embedder = create_embedder(
+                settings.embedder,
+                google_api_key=settings.google_api_key or None,
+                google_model=settings.google_model,
+                google_base_url=settings.google_base_url,
+                google_dimension=settings.google_dimension,
+            )
+            self.vectors = VectorIndex(
+                url=settings.qdrant_url,
+                api_key=settings.qdrant_api_key,
+                path=settings.data_dir / "qdrant",
+                collection=settings.qdrant_collection,
+            )
+            self.indexer = Indexer(
+                self.store,
+                self.vectors,
+                self.embedder,
+                settings,
+                self.metrics,
+                self.tracing,
+            )
+
+        self.sockets = SocketGateway(
+            self.sio, settings, self.metrics, self._make_service(), self.secret
+        )
+        self.monitors = Monitors(
+            self.metrics,
+            runtime_interval=settings.runtime_log_interval_seconds,
+            memory_limit=settings.memory_limit_bytes,
+            accepted=lambda: self.service.accepted_count,
+            active_sockets=lambda: self.sockets.active,
+        )
+        await self._open_vectors()
+        self.writer.start()
+        if self.indexer is not None:
+            self.indexer.start()
+        self.monitors.start()
+        self._start_metrics_port()
+        self._log_started(uri)
+
+    async def _open_vectors(self) -> None:
+        if self.vectors is None or self.embedder is None:
+            return
+        try:
+            await asyncio.wait_for(self.vectors.open(self.embedder.dimension), 30)
+        except Exception as exc:  # noqa: BLE001 - chat works without Qdrant; the indexer retries
+            logger.warning(
+                "Qdrant is not available; chat works, indexing waits and retries",
+                extra={"qdrant": self.vectors.location, "error": repr(exc)},
+            )
+
+    def _make_service(self) -> MessageService:
+        self.service = MessageService(
+            self.settings,
+            self.metrics,
+            self.tracing,
+            self.writer,
+            self.indexer,
+            fanout=lambda room, view: self.sockets.fanout(room, view),
+        )
+        return self.service
+
+    async def _ensure_indexes(self, attempts: int = 15) -> None:
+        for attempt in range(1, attempts + 1):
+            try:
+                with pymongo.timeout(self.settings.mongo_timeout_seconds):
+                    await self.store.ensure_indexes()
+                return
+            except pymongo.errors.PyMongoError as exc:
+                if attempt == attempts:
+                    raise RuntimeError(
+                        f"MongoDB at {_redact(self.store.uri)} is unreachable after "
+                        f"{attempts} attempts ({exc}): check MONGODB_URI and that the "
+                        "server is up"
+                    ) from exc
+                logger.warning(
+                    "MongoDB not reachable yet; retrying",
+                    extra={"attempt": attempt, "error": repr(exc)},
+                )
+                await asyncio.sleep(1)
+
+    def _start_metrics_port(self) -> None:
+        port = self.settings.metrics_port
+        if port is None or self.settings.workers > 1:
+            return  # with several workers the supervisor serves the metrics port
+        from prometheus_client import start_http_server
+
+        server, _thread = start_http_server(
+            port, addr=self.settings.host, registry=self.metrics.exposition_registry()
+        )
+        self._metrics_server = server
+        logger.info("serving metrics on their own port", extra={"port": port})
+
+    def _log_started(self, uri: str) -> None:
+        settings = self.settings
+        qdrant = self.vectors.location if self.vectors else "off"
+        url = f"http://{settings.host}:{settings.port}"
+        logger.info(
+            "chat gateway started on %s; mint a token with `chat-gateway token "
+            "--task TASK --user USER --role operator --data-dir %s`",
+            url,
+            settings.data_dir,
+            extra={
+                "url": url,
+                "version": __version__,
+                "mongodb": _redact(uri),
+                "mongodb_embedded": self.embedded is not None,
+                "qdrant": qdrant,
+                "embedder": self.embedder.name if self.embedder else "off",
+                "redis": _redact(settings.redis_url) if settings.redis_url else "off",
+                "tracing": "otlp" if self.tracing.enabled else "off",
+                "data_dir": str(settings.data_dir.resolve()),
+                "transports": "polling+websocket"
+                if settings.allow_polling
+                else "websocket",
+            },
+        )
+
+    async def drain(self) -> None:
+        """Stop taking messages and write out every one already accepted."""
+        if self.closing:
+            return
+        self.closing = True
+        started = time.monotonic()
+        depth = self.writer.depth if self.writer else 0
+        logger.info("draining: new messages are rejected", extra={"in_flight": depth})
+        flushed = await self.writer.drain(self.settings.drain_timeout_seconds)
+        logger.info(
+            "drained" if flushed else "drain timed out; unwritten messages get errors",
+            extra={
+                "seconds": round(time.monotonic() - started, 3),
+                "left": self.writer.depth,
+            },
+        )
+
+    async def stop(self) -> None:
+        if self.writer is not None:
+            await self.drain()
+            await self.writer.stop()
+        if self.indexer is not None:
+            await self.indexer.stop()
+        with contextlib.suppress(AttributeError):
+            await self.monitors.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        if self.embedder is not None:
+            await self.embedder.aclose()
+        if self.vectors is not None:
+            await self.vectors.close()
+        with contextlib.suppress(AttributeError):
+            await self.store.close()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+        self.tracing.shutdown()
+        logger.info("chat gateway stopped")
+
+    # -- queries ------------------------------------------------------------
+
+    async def search(self, task: str, query: str, limit: int) -> list[dict[str, Any]]:
+        if self.embedder is None or self.vectors is None:
+            raise StoreUnavailable(
+                "search is off on this gateway (CHAT_INDEXING_ENABLED=false)"
+            )
+        started = time.perf_counter()
+        try:
+            if not self.vectors.is_open:
+                await self.vectors.open(self.embedder.dimension)
+            vector = (await self.embedder.embed([query]))[0]
+            hits = await self.vectors.search(vector, task_id=task, limit=limit)
+        except ChatError:
+            raise
+        except Exception as exc:
+            logger.warning("search failed", extra={"task_id": task, "error": repr(exc)})
+            raise StoreUnavailable(
+                f"search is unavailable ({type(exc).__name__}): retry later; chat still works"
+            ) from exc
+        finally:
+            self.metrics.qdrant_duration.labels(operation="search").observe(
+                time.perf_counter() - started
+            )
+        docs = await self.store.get_many([ObjectId(hit.message_id) for hit in hits])
+        return [
+            {
+                "score": hit.score,
+                "message": message_view(docs[ObjectId(hit.message_id)]),
+            }
+            for hit in hits
+            if ObjectId(hit.message_id) in docs
+        ]
+
+    async def readiness(self) -> dict[str, dict[str, Any]]:
+        checks: dict[str, dict[str, Any]] = {}
+        try:
+            with pymongo.timeout(1.0):
+                await self.store.ping()
+            checks["mongodb"] = {"ok": True}
+        except Exception as exc:
+            checks["mongodb"] = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}"[:300],
+            }
+
+        if self.vectors is not None:
+            ok = self.vectors.is_open
+            error = None
+            if ok:
+                try:
+                    await asyncio.wait_for(self.vectors.ping(), 2.0)
+                except Exception as exc:
+                    ok, error = False, f"{type(exc).__name__}: {exc}"[:300]
+            elif self.indexer is not None:
+                error = self.indexer.last_error or "not opened yet"
+            checks["qdrant"] = {"ok": ok} if ok else {"ok": False, "error": error}
+
+        saturated = self.writer.saturated
+        checks["writer"] = {
+            "ok": not saturated and not self.closing,
+            "queue_depth": self.writer.depth,
+        }
+        if self.closing:
+            checks["writer"]["error"] = "shutting down"
+        return checks
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ChatError)
+    async def chat_error(request: Request, exc: ChatError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(
+        request: Request, exc: RequestValidationError
+    ) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        detail = (
+            f"{where}: {first.get('msg', 'invalid')}" if where else "invalid request"
+        )
+        return error_response(InvalidPayload(f"invalid request: {detail}"))
+
+
+class GatewayApp(socketio.ASGIApp):  # type: ignore[misc] - python-socketio is untyped
+    """The ASGI app, with the gateway it serves attached."""
+
+    gateway: Gateway
+
+
+def create_app(
+    settings: Settings | None = None, *, tracer_provider: TracerProvider | None = None
+) -> GatewayApp:
+    """Build the gateway and its ASGI app.
+
+    ``tracer_provider`` overrides the one the ``OTEL_*`` variables describe
+    (tests pass one with an in-memory exporter).
+    """
+    settings = settings or Settings()
+    provider = tracer_provider or create_tracer_provider()
+    gateway = Gateway(settings, provider)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    api = FastAPI(
+        title="chat-gateway",
+        version=__version__,
+        lifespan=lifespan,
+        responses=ERRORS,
+        description="HTTP side of the chat gateway. Real-time chat is on Socket.IO.",
+    )
+    api.state.gateway = gateway
+    api.include_router(router)
+    _install_error_handlers(api)
+    if STATIC_DIR.is_dir():
+        api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+        @api.get("/", include_in_schema=False)
+        async def page() -> FileResponse:
+            return FileResponse(STATIC_DIR / "index.html")
+
+    if provider is not None:
+        FastAPIInstrumentor.instrument_app(
+            api,
+            tracer_provider=provider,
+            excluded_urls="/metrics,/healthz,/readyz,/static",
+        )
+
+    app = GatewayApp(gateway.sio, other_asgi_app=api)
+    app.gateway = gateway
+    return app
+
+
+def create_app_from_env() -> GatewayApp:
+    """Factory for uvicorn workers: settings and logging from the environment."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

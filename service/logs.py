@@ -1,0 +1,99 @@
+"""Structured JSON logs on stdout, one object per line.
+
+Two kinds of line share the stream:
+
+* KPI lines keep the exact shapes that existing log pipelines parse::
+
+    {"t": "...", "metric": "runtime", "messages_per_sec": 12.4, "active_sockets": 8,
+     "rss_mb": 141.2, "heap_used_mb": 96.5}
+    {"t": "...", "metric": "mongo_write_ms", "value": 3.41}
+    {"t": "...", "metric": "event_loop_lag_ms", "value": 0.42}
+
+* Event lines: ``{"t", "level", "logger", "message", ...fields}``, plus
+  ``trace_id`` and ``span_id`` when written inside a recording span.
+
+Components log through ``logging.getLogger("chat.<component>")`` with lazy
+``%s`` arguments and ids passed in ``extra``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry import trace
+
+__all__ = ["JsonFormatter", "configure_logging", "log_kpi"]
+
+kpi_logger = logging.getLogger("chat.kpi")
+
+# Attributes every LogRecord has; anything else came in through ``extra``.
+_STANDARD_ATTRS = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
+) | {"message", "asctime", "taskName", "color_message", "websocket"}
+_SECRET_HINTS = ("token", "secret", "password", "api_key", "authorization")
+
+
+def _timestamp(created: float) -> str:
+    moment = datetime.fromtimestamp(created, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class JsonFormatter(logging.Formatter):
+    """Format records as one JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        kpi = getattr(record, "kpi", None)
+        if isinstance(kpi, dict):
+            return json.dumps({"t": _timestamp(record.created), **kpi})
+
+        line: dict[str, Any] = {
+            "t": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key in _STANDARD_ATTRS or key.startswith("_"):
+                continue
+            if any(hint in key.lower() for hint in _SECRET_HINTS):
+                value = "[redacted]"
+            line[key] = value
+
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            line["trace_id"] = format(context.trace_id, "032x")
+            line["span_id"] = format(context.span_id, "016x")
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Send every log record to stdout as JSON at ``level`` and above."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    kpi_logger.setLevel(logging.INFO)
+
+    # uvicorn and the Socket.IO libraries log through their own loggers; route
+    # them through the JSON handler and keep per-request lines out of INFO.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+    # uvicorn logs every websocket open and close at INFO: per-socket detail.
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    for name in ("socketio", "engineio", "pymongo", "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def log_kpi(metric: str, **fields: float | int) -> None:
+    """Write one KPI line in the documented shape."""
+    kpi_logger.info(metric, extra={"kpi": {"metric": metric, **fields}})

@@ -1,0 +1,349 @@
+"""The message pipeline shared by the Socket.IO event and the REST endpoint.
+
+receive → validate → rate-limit → batch write (await the ack of MongoDB) →
+fan out to the room → hand off to the indexer → ack. Every failure becomes a
+``ChatError`` with a stable code; nothing is acked before it is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from bson import ObjectId
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from service.auth import Principal
+from service.errors import (
+    ChatError,
+    InvalidPayload,
+    RateLimited,
+    StoreUnavailable,
+    TextTooLong,
+)
+from service.indexer import Indexer, IndexItem
+from service.metrics import Metrics
+from service.ratelimit import TokenBucket
+from service.settings import Settings
+from service.store import message_view
+from service.tracing import ROOM_TEMPLATE, Tracing, trace_id_of
+from service.writer import BatchWriter
+
+__all__ = ["Incoming", "MessageService", "validate_payload"]
+
+logger = logging.getLogger("chat.messages")
+_ALLOWED_KEYS = frozenset({"client_msg_id", "text", "traceparent"})
+
+Fanout = Callable[[str, dict[str, Any]], Awaitable[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A validated ``send_message`` payload."""
+
+    client_msg_id: str
+    text: str
+    traceparent: str | None
+
+
+def _describe(value: object) -> str:
+    return (
+        type(value).__name__
+        if not isinstance(value, str)
+        else f"a {len(value)}-char string"
+    )
+
+
+def validate_payload(payload: object, settings: Settings) -> Incoming:
+    """Check a payload's shape and limits; raise ``InvalidPayload``/``TextTooLong``."""
+    if not isinstance(payload, dict):
+        raise InvalidPayload(
+            f"payload must be an object {{client_msg_id, text}}, not {_describe(payload)}"
+        )
+    extra = set(payload) - _ALLOWED_KEYS
+    if extra:
+        names = ", ".join(sorted(str(k)[:40] for k in extra)[:5])
+        raise InvalidPayload(
+            f"unexpected fields: {names}; send only client_msg_id, text and traceparent"
+        )
+
+    client_msg_id = payload.get("client_msg_id")
+    limit = settings.max_client_msg_id_chars
+    if not isinstance(client_msg_id, str) or not 0 < len(client_msg_id) <= limit:
+        raise InvalidPayload(
+            f"client_msg_id must be a string of 1 to {limit} characters, "
+            f"not {_describe(client_msg_id)}: send a unique id such as a UUID"
+        )
+    if not client_msg_id.isprintable():
+        raise InvalidPayload(f"client_msg_id must be printable, not {client_msg_id!r}")
+
+    text = payload.get("text")
+    if not isinstance(text, str):
+        raise InvalidPayload(f"text must be a string, not {_describe(text)}")
+    if len(text) > settings.max_text_chars:
+        raise TextTooLong(
+            f"text is {len(text)} characters; the limit is {settings.max_text_chars}: "
+            "split the message"
+        )
+    if not text.strip():
+        raise InvalidPayload("text must contain at least one non-blank character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidPayload(
+            "text is not valid Unicode (it contains a lone surrogate): send UTF-8 text"
+        ) from None
+
+    traceparent = payload.get("traceparent")
+    if traceparent is not None and (
+        not isinstance(traceparent, str) or len(traceparent) > 128
+    ):
+        raise InvalidPayload(
+            f"traceparent must be a W3C traceparent string, not {_describe(traceparent)}"
+        )
+    return Incoming(client_msg_id, text, traceparent)
+
+
+class MessageService:
+    """Runs the pipeline for one message and returns its ack."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        tracing: Tracing,
+        writer: BatchWriter,
+        indexer: Indexer | None,
+        fanout: Fanout,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._tracing = tracing
+        self._writer = writer
+        self._indexer = indexer
+        self._fanout = fanout
+        self._user_buckets: dict[str, TokenBucket] = {}
+        self.accepted_count = 0
+        self._accepted = metrics.messages.labels(outcome="accepted", code="")
+        self._duplicate = metrics.messages.labels(outcome="duplicate", code="")
+
+    def user_bucket(self, user: str) -> TokenBucket:
+        bucket = self._user_buckets.get(user)
+        if bucket is None:
+            bucket = TokenBucket(
+                self._settings.user_rate_limit_burst,
+                self._settings.user_rate_limit_per_second,
+            )
+            self._user_buckets[user] = bucket
+        return bucket
+
+    def forget_user(self, user: str) -> None:
+        """Drop a user's bucket once their last socket has gone."""
+        self._user_buckets.pop(user, None)
+
+    async def handle(
+        self,
+        principal: Principal,
+        payload: object,
+        *,
+        socket_bucket: TokenBucket | None,
+        parent: Context | None = None,
+        client_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Run the pipeline for one payload and return the ack to send."""
+        received = time.perf_counter()
+        span: Span | None = None
+        if self._tracing.enabled:
+            from service.tracing import extract_context
+
+            traceparent = (
+                payload.get("traceparent") if isinstance(payload, dict) else None
+            )
+            context = extract_context(traceparent) or parent
+            span = self._tracing.tracer.start_span(
+                "send_message " + ROOM_TEMPLATE,
+                context=context,
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "socketio",
+                    "messaging.operation.type": "process",
+                    "messaging.operation.name": "send_message",
+                    "messaging.destination.name": principal.room,
+                    "messaging.destination.template": ROOM_TEMPLATE,
+                    "messaging.client.id": client_id or "",
+                    "enduser.id": principal.user,
+                    "chat.role": principal.role,
+                },
+            )
+        try:
+            if span is None:
+                ack = await self._process(principal, payload, socket_bucket, None)
+            else:
+                with trace.use_span(span, end_on_exit=False):
+                    ack = await self._process(principal, payload, socket_bucket, span)
+        except ChatError as error:
+            self._metrics.messages.labels(outcome="rejected", code=error.code).inc()
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, error.code))
+                span.set_attribute("error.type", error.code)
+            ack = error.to_ack()
+        finally:
+            elapsed = time.perf_counter() - received
+            exemplar = None
+            if span is not None:
+                trace_id = trace_id_of(span.get_span_context())
+                exemplar = {"trace_id": trace_id} if trace_id else None
+                span.end()
+        self._metrics.ack_duration.observe(elapsed, exemplar=exemplar)
+        return ack
+
+    async def _process(
+        self,
+        principal: Principal,
+        payload: object,
+        socket_bucket: TokenBucket | None,
+        span: Span | None,
+    ) -> dict[str, Any]:
+        incoming = validate_payload(payload, self._settings)
+        if span is not None:
+            span.set_attribute(
+                "messaging.message.conversation_id", incoming.client_msg_id
+            )
+            span.set_attribute(
+                "messaging.message.body.size", len(incoming.text.encode())
+            )
+            if self._settings.index_text_in_spans:
+                span.set_attribute("chat.message.text", incoming.text)
+        self._check_rate(principal, socket_bucket)
+
+        doc = {
+            "_id": ObjectId(),
+            "task_id": principal.task,
+            "sender": principal.user,
+            "role": principal.role,
+            "client_msg_id": incoming.client_msg_id,
+            "text": incoming.text,
+            "created_at": _now_ms(),
+            "indexed_at": None,
+        }
+        span_context = span.get_span_context() if span is not None else None
+        future = self._writer.submit(doc, span_context)
+        try:
+            result = await future
+        except asyncio.CancelledError:
+            raise
+        except ChatError:
+            raise
+        except Exception as exc:  # a write outcome we did not classify
+            logger.exception("message write failed", extra={"task_id": principal.task})
+            raise StoreUnavailable(f"write failed: {type(exc).__name__}") from exc
+
+        view = message_view(result.doc)
+        if span is not None:
+            span.set_attribute("messaging.message.id", view["id"])
+            span.set_attribute("chat.batch.id", result.batch_id)
+            span.set_attribute(
+                "chat.batch.wait_seconds", round(result.queued_seconds, 6)
+            )
+            span.set_attribute("chat.duplicate", result.duplicate)
+        ack = {"ok": True, "id": view["id"], "created_at": view["created_at"]}
+        if result.duplicate:
+            self._duplicate.inc()
+            ack["duplicate"] = True
+            return ack
+
+        self._accepted.inc()
+        self.accepted_count += 1
+        await self._emit(principal, view, span)
+        self._hand_off(result.doc, span)
+        return ack
+
+    def _check_rate(
+        self, principal: Principal, socket_bucket: TokenBucket | None
+    ) -> None:
+        user_bucket = self.user_bucket(principal.user)
+        for bucket, scope in ((socket_bucket, "socket"), (user_bucket, "user")):
+            if bucket is not None and not bucket.take():
+                raise RateLimited(
+                    f"{scope} rate limit of {bucket.rate:g} messages/s "
+                    f"(burst {bucket.burst:g}) exceeded: retry in "
+                    f"{bucket.retry_after():.2f} s"
+                )
+
+    async def _emit(
+        self, principal: Principal, view: dict[str, Any], span: Span | None
+    ) -> None:
+        started = time.perf_counter()
+        child = None
+        if span is not None:
+            child = self._tracing.tracer.start_span(
+                "emit " + ROOM_TEMPLATE,
+                kind=SpanKind.PRODUCER,
+                attributes={
+                    "messaging.system": "socketio",
+                    "messaging.operation.type": "send",
+                    "messaging.operation.name": "emit",
+                    "messaging.destination.name": principal.room,
+                    "messaging.destination.template": ROOM_TEMPLATE,
+                    "messaging.message.id": view["id"],
+                },
+            )
+        try:
+            sockets = await self._fanout(principal.room, view)
+        except (
+            Exception
+        ) as exc:  # the message is stored; a failed emit must not fail the ack
+            logger.warning(
+                "fan-out failed",
+                extra={
+                    "task_id": principal.task,
+                    "message_id": view["id"],
+                    "error": repr(exc),
+                },
+            )
+            sockets = 0
+            if child is not None:
+                child.record_exception(exc)
+                child.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        elapsed = time.perf_counter() - started
+        exemplar = None
+        if child is not None:
+            child.set_attribute("chat.fanout.sockets", sockets)
+            trace_id = trace_id_of(child.get_span_context())
+            exemplar = {"trace_id": trace_id} if trace_id else None
+            child.end()
+        self._metrics.fanout_duration.observe(elapsed, exemplar=exemplar)
+
+    def _hand_off(self, doc: dict[str, Any], span: Span | None) -> None:
+        if self._indexer is None:
+            return
+        child = None
+        if span is not None:
+            child = self._tracing.tracer.start_span(
+                "enqueue index",
+                kind=SpanKind.PRODUCER,
+                attributes={
+                    "messaging.system": "chat.indexer",
+                    "messaging.operation.type": "send",
+                },
+            )
+        context = span.get_span_context() if span is not None else None
+        queued = self._indexer.offer(IndexItem.from_doc(doc, context))
+        if child is not None:
+            # A full queue defers the message to the reconciler; it is not lost.
+            child.set_attribute(
+                "chat.index.outcome", "queued" if queued else "deferred"
+            )
+            child.end()
+
+
+def _now_ms() -> datetime:
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
