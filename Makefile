@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
-DEBIAN_TOOLS := prometheus prometheus-alertmanager redis-server chromium
+DEBIAN_TOOLS := prometheus prometheus-alertmanager redis-server chromium haproxy
 PYTEST_ARGS ?=
 
 .PHONY: run test lint typecheck unit tools bench clean
@@ -31,7 +31,7 @@ run: $(STAMP) $(NPM_STAMP)
 # Debian packages the tests start for real; installed only when missing.
 tools:
 	@missing=""; \
-	for tool in promtool amtool redis-server chromium; do \
+	for tool in promtool amtool redis-server chromium haproxy; do \
 		command -v $$tool >/dev/null || missing=yes; \
 	done; \
 	if [ -n "$$missing" ]; then \

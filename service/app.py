@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pymongo
@@ -22,8 +24,7 @@ import socketio
 from bson import ObjectId
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import JSONResponse
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.trace import TracerProvider
 from pymongo import WriteConcern
@@ -39,6 +40,7 @@ from service.logs import configure_logging
 from service.messages import MessageService
 from service.metrics import Metrics
 from service.monitors import Monitors
+from service.page import install_page
 from service.settings import Settings
 from service.sockets import SocketGateway, create_socket_server
 from service.store import MessageStore, message_view
@@ -48,7 +50,6 @@ from service.vectors import VectorIndex
 __all__ = ["Gateway", "create_app"]
 
 logger = logging.getLogger("chat.app")
-STATIC_DIR = Path(__file__).parent / "static"
 _STATUS = {cls.code: cls.http_status for cls in ChatError.__subclasses__()}
 
 
@@ -82,6 +83,7 @@ class Gateway:
         self.sockets: SocketGateway
         self.monitors: Monitors
         self._metrics_server: Any = None
+        self._drain_task: asyncio.Task[None] | None = None
 
     @staticmethod
     def error_status(code: str) -> int:
@@ -149,6 +151,7 @@ class Gateway:
             self.indexer.start()
         self.monitors.start()
         self._start_metrics_port()
+        self.install_signal_handlers()
         self._log_started(uri)
 
     async def _open_vectors(self) -> None:
@@ -156,7 +159,7 @@ class Gateway:
             return
         try:
             await asyncio.wait_for(self.vectors.open(self.embedder.dimension), 30)
-        except Exception as exc:  # noqa: BLE001 - chat works without Qdrant; the indexer retries
+        except Exception as exc:  # chat works without Qdrant; the indexer retries
             logger.warning(
                 "Qdrant is not available; chat works, indexing waits and retries",
                 extra={"qdrant": self.vectors.location, "error": repr(exc)},
@@ -229,6 +232,36 @@ class Gateway:
             },
         )
 
+    def install_signal_handlers(self) -> None:
+        """Drain on SIGTERM or SIGINT before uvicorn closes any socket.
+
+        uvicorn closes every websocket as soon as it sees the signal, which would
+        drop the acks of messages still being written. This handler runs first:
+        it rejects new messages with ``overloaded``, waits up to
+        ``CHAT_DRAIN_TIMEOUT_SECONDS`` for the writer to empty, and then hands the
+        signal to uvicorn's own handler. A second signal goes to uvicorn at once.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread receives signals (tests run servers in threads)
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(number)
+            if not callable(previous):
+                continue
+
+            def forward(number: int = number, previous: Any = previous) -> None:
+                previous(number, None)
+
+            def on_signal(number: int = number, forward: Any = forward) -> None:
+                if self.closing:
+                    forward()
+                    return
+                task = loop.create_task(self.drain())
+                task.add_done_callback(lambda _: forward())
+                self._drain_task = task
+
+            loop.add_signal_handler(number, on_signal)
+
     async def drain(self) -> None:
         """Stop taking messages and write out every one already accepted."""
         if self.closing:
@@ -265,6 +298,7 @@ class Gateway:
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
         self.tracing.shutdown()
+        self.metrics.mark_dead(os.getpid())
         logger.info("chat gateway stopped")
 
     # -- queries ------------------------------------------------------------
@@ -352,7 +386,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(InvalidPayload(f"invalid request: {detail}"))
 
 
-class GatewayApp(socketio.ASGIApp):  # type: ignore[misc] - python-socketio is untyped
+class GatewayApp(socketio.ASGIApp):  # type: ignore[misc]  # python-socketio is untyped
     """The ASGI app, with the gateway it serves attached."""
 
     gateway: Gateway
@@ -388,12 +422,7 @@ def create_app(
     api.state.gateway = gateway
     api.include_router(router)
     _install_error_handlers(api)
-    if STATIC_DIR.is_dir():
-        api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-
-        @api.get("/", include_in_schema=False)
-        async def page() -> FileResponse:
-            return FileResponse(STATIC_DIR / "index.html")
+    install_page(api, settings)
 
     if provider is not None:
         FastAPIInstrumentor.instrument_app(

@@ -32,7 +32,7 @@ logger = logging.getLogger("chat.auth")
 
 Role = Literal["operator", "manager"]
 ROLES: tuple[Role, ...] = ("operator", "manager")
-_SECRET_FILE = "jwt-secret"
+_SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name, not a secret
 _MAX_ID_CHARS = 128
 
 

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_token(commands)
     try:
-        from service.loadtest.cli import add_loadtest
+        from service.loadtest.cli import add_loadtest  # type: ignore[import-not-found,unused-ignore]
     except ImportError:  # the load generator is optional
         pass
     else:

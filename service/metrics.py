@@ -27,6 +27,8 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from service.errors import ERROR_CODES
+
 __all__ = ["Metrics", "heap_bytes", "memory_limit_bytes", "multiprocess_dir"]
 
 # Dense from 1 ms to 50 ms so that the 30 ms p95 limit is read to within 2.5 ms.
@@ -179,7 +181,7 @@ class Metrics:
         )
         self.loop_lag = Histogram(
             "chat_event_loop_lag_seconds",
-            "How late the event loop ran a timer due every 100 ms.",
+            "How late the event loop ran a timer due every 20 ms.",
             registry=registry,
             buckets=LOOP_LAG_BUCKETS,
         )
@@ -204,9 +206,29 @@ class Metrics:
             buckets=CALL_BUCKETS,
         )
 
+        self._create_label_sets()
         if not self.multiprocess:
             ProcessCollector(registry=registry)
         self.memory_limit.set(memory_limit_bytes(None))
+
+    def _create_label_sets(self) -> None:
+        """Create every labelled series at zero.
+
+        A series that first appears with value 1 has no earlier sample, so
+        ``rate()`` and ``increase()`` miss the first error. Creating the known
+        label sets up front makes the first increment visible.
+        """
+        self.messages.labels(outcome="accepted", code="")
+        self.messages.labels(outcome="duplicate", code="")
+        for code in ERROR_CODES:
+            self.messages.labels(outcome="rejected", code=code)
+        for outcome in ("accepted", "rejected"):
+            self.connections.labels(outcome=outcome)
+        for error in ("timeout", "unavailable", "write_error"):
+            self.mongo_write_errors.labels(error=error)
+        self.events_ignored.labels(reason="unknown_event")
+        for stage in ("embed", "upsert", "mark"):
+            self.index_errors.labels(stage=stage)
 
     def exposition_registry(self) -> CollectorRegistry:
         """Return the registry a scrape should read."""
@@ -214,7 +236,7 @@ class Metrics:
         if directory is None:
             return self.registry
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=directory)
+        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
         return registry
 
     def sample_memory(self, limit: int | None) -> None:
@@ -229,7 +251,7 @@ class Metrics:
         """Drop a stopped worker's live gauges from multiprocess scrapes."""
         directory = multiprocess_dir()
         if directory is not None:
-            mark_process_dead(pid, directory)
+            mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 def _read_kib_field(path: str, field: str) -> int | None:

@@ -1,19 +1,14 @@
 """Running the app under uvicorn: one process, or N workers on one port.
 
-On SIGTERM or SIGINT the gateway drains before uvicorn closes any socket: it
-rejects new messages with ``overloaded``, waits (up to
-``CHAT_DRAIN_TIMEOUT_SECONDS``) for every accepted message to be written and
-acked, and only then lets uvicorn shut down. A second signal exits at once.
+Each process drains on SIGTERM before uvicorn closes its sockets (see
+``Gateway.install_signal_handlers``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
-import socket
-from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -23,47 +18,13 @@ from service.auth import load_secret
 from service.embedded import EmbeddedMongo
 from service.settings import Settings
 
-__all__ = ["GatewayServer", "ServeError", "serve"]
+__all__ = ["ServeError", "serve"]
 
 logger = logging.getLogger("chat.server")
 
 
 class ServeError(RuntimeError):
     """The settings do not allow the requested way of serving."""
-
-
-class GatewayServer(uvicorn.Server):
-    """uvicorn's server, with a drain step before it closes connections."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self._draining = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining or self._loop is None:
-            super().handle_exit(sig, frame)
-            return
-        self._draining = True
-        self._loop.call_soon_threadsafe(
-            lambda: asyncio.ensure_future(self._drain_then_exit())
-        )
-
-    async def _drain_then_exit(self) -> None:
-        gateway = getattr(self.config.loaded_app, "gateway", None)
-        if gateway is None:  # the factory's app is wrapped by uvicorn's middleware
-            gateway = getattr(
-                getattr(self.config.loaded_app, "app", None), "gateway", None
-            )
-        try:
-            if gateway is not None:
-                await gateway.drain()
-        finally:
-            self.should_exit = True
 
 
 def _uvicorn_config(app: Any, settings: Settings, **extra: Any) -> uvicorn.Config:
@@ -89,7 +50,7 @@ def serve(settings: Settings) -> None:
     if settings.workers == 1:
         from service.app import create_app
 
-        GatewayServer(_uvicorn_config(create_app(settings), settings)).run()
+        uvicorn.Server(_uvicorn_config(create_app(settings), settings)).run()
         return
     _serve_workers(settings)
 
@@ -130,7 +91,6 @@ def _serve_workers(settings: Settings) -> None:
         factory=True,
         workers=settings.workers,
     )
-    server = GatewayServer(config)
     listener = config.bind_socket()
     logger.info(
         "starting workers",
@@ -141,7 +101,7 @@ def _serve_workers(settings: Settings) -> None:
         },
     )
     try:
-        Multiprocess(config, target=server.run, sockets=[listener]).run()
+        Multiprocess(config, sockets=[listener]).run()
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
@@ -156,7 +116,7 @@ def _start_supervisor_metrics(settings: Settings) -> Any:
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     server, _thread = start_http_server(settings.metrics_port, settings.host, registry)
     logger.info("serving metrics of all workers", extra={"port": settings.metrics_port})
     return server

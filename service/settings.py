@@ -68,11 +68,16 @@ class Settings(BaseSettings):
 
     # MongoDB writer.
     write_concern: str = "1"
-    write_journal: bool | None = None
+    # j=true: the server writes its journal to disk before it acknowledges, so
+    # an acked message survives a crash of the database process. With j unset,
+    # SecantusDB 0.7 lost messages acked a few ms before a SIGKILL.
+    write_journal: bool | None = True
     batch_window_ms: float = Field(default=2.0, ge=0, le=1000)
     batch_max: int = Field(default=256, ge=1, le=10000)
     writer_queue_max: int = Field(default=5000, ge=1)
-    writer_concurrency: int = Field(default=2, ge=1, le=32)
+    # One writer keeps fan-out in arrival order; the next batch fills while a
+    # write is in flight. More help only a store that takes writes in parallel.
+    writer_concurrency: int = Field(default=1, ge=1, le=32)
     mongo_timeout_seconds: float = Field(default=2.0, gt=0)
     drain_timeout_seconds: float = Field(default=10.0, gt=0)
 
@@ -95,6 +100,9 @@ class Settings(BaseSettings):
     runtime_log_interval_seconds: float = Field(default=5.0, gt=0)
     memory_limit_bytes: int | None = Field(default=None, gt=0)
     jaeger_ui_url: str = ""
+
+    # The chat page. Empty means node_modules/ of the repository (`npm ci`).
+    socketio_client_js: Path | None = None
 
     @field_validator("write_concern")
     @classmethod

@@ -42,8 +42,9 @@ def create_socket_server(settings: Settings) -> socketio.AsyncServer:
         async_mode="asgi",
         client_manager=manager,
         transports=transports,
-        # An empty list rejects cross-origin browsers: same origin only.
-        cors_allowed_origins=settings.cors_origins,
+        # None allows only the origin that the Host header names. python-socketio
+        # reads an empty list as "check no Origin at all", so never pass one.
+        cors_allowed_origins=settings.cors_origins or None,
         max_http_buffer_size=settings.max_frame_bytes,
         logger=False,
         engineio_logger=False,
@@ -92,8 +93,13 @@ class SocketGateway:
         return socketio.exceptions.ConnectionRefusedError(message, {"code": code})
 
     async def connect(
-        self, sid: str, environ: dict[str, Any], auth: Any = None
+        self, sid: str, environ: Any = None, auth: Any = None, *_: Any
     ) -> None:
+        if sid in self._sockets:
+            # python-socketio also calls this handler for a client event named
+            # "connect"; a connected socket sending one gets no second room.
+            await self.other_event("connect", sid)
+            return
         token = auth.get("token") if isinstance(auth, dict) else None
         try:
             principal = verify_token(
@@ -134,7 +140,12 @@ class SocketGateway:
             extra={"sid": sid, "task_id": principal.task, "user": principal.user},
         )
 
-    async def disconnect(self, sid: str, reason: Any = None) -> None:
+    async def disconnect(self, sid: str, reason: Any = None, *_: Any) -> None:
+        if self.sio.manager.is_connected(sid, "/"):
+            # python-socketio marks a socket as leaving before it calls this
+            # handler, so a socket still connected sent a "disconnect" event.
+            await self.other_event("disconnect", sid)
+            return
         state = self._sockets.pop(sid, None)
         if state is None:
             return

@@ -78,7 +78,7 @@ class MessageStore:
         )
 
     @property
-    def address(self) -> tuple[str, int] | None:
+    def address(self) -> tuple[str, int | None] | None:
         """Return the host and port of the server, once it is known."""
         try:
             nodes = self.client.nodes

@@ -128,11 +128,12 @@ class BatchWriter:
         self._ready.set()
         return future
 
-    async def drain(self, timeout: float) -> bool:
+    async def drain(self, seconds: float) -> bool:
         """Stop taking messages and wait until every queued one is written."""
         self._closing = True
-        deadline = time.monotonic() + timeout
-        while self.depth and time.monotonic() < deadline:
+        deadline = time.monotonic() + seconds
+        # Polling keeps the writer free of drain bookkeeping on its hot path.
+        while self.depth and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         return self.depth == 0
 
@@ -222,7 +223,9 @@ class BatchWriter:
         }
         address = self._store.address
         if address is not None:
-            attributes["server.address"], attributes["server.port"] = address
+            attributes["server.address"] = address[0]
+            if address[1] is not None:
+                attributes["server.port"] = address[1]
         return self._tracing.tracer.start_span(
             "insert messages", kind=SpanKind.CLIENT, links=links, attributes=attributes
         )

@@ -55,14 +55,18 @@ def mongo(secantus: EmbeddedMongo) -> Iterator[pymongo.MongoClient[dict[str, Any
     client.close()
 
 
-def fail_point(uri: str, data: dict[str, Any] | None, *, times: int | None = None) -> None:
+def fail_point(
+    uri: str, data: dict[str, Any] | None, *, times: int | None = None
+) -> None:
     """Arm (or with ``data=None`` disarm) SecantusDB's ``failCommand`` fail point."""
     with pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000) as client:
         if data is None:
             client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
             return
         mode: Any = {"times": times} if times else "alwaysOn"
-        client.admin.command({"configureFailPoint": "failCommand", "mode": mode, "data": data})
+        client.admin.command(
+            {"configureFailPoint": "failCommand", "mode": mode, "data": data}
+        )
 
 
 @dataclass
@@ -84,7 +88,9 @@ class RunningGateway:
     def database(self) -> str:
         return self.settings.mongodb_database
 
-    def token(self, task: str, user: str, role: str = "operator", ttl: float = 600) -> str:
+    def token(
+        self, task: str, user: str, role: str = "operator", ttl: float = 600
+    ) -> str:
         return issue_token(SECRET, user=user, task=task, role=role, ttl=ttl)
 
     def call(self, coroutine: Any, timeout: float = 30) -> Any:
@@ -131,7 +137,9 @@ def _serve_in_thread(app: GatewayApp, settings: Settings) -> RunningGateway:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the gateway did not start; see the log above")
         time.sleep(0.05)
-    running = RunningGateway(app, settings, f"http://127.0.0.1:{settings.port}", server, thread)
+    running = RunningGateway(
+        app, settings, f"http://127.0.0.1:{settings.port}", server, thread
+    )
     running.server_loop = holder["loop"]
     return running
 
@@ -186,7 +194,9 @@ class Client:
         self.sio.on("message", self.received.append)
 
     async def connect(self) -> Client:
-        await self.sio.connect(self.url, auth={"token": self.token}, transports=["websocket"])
+        await self.sio.connect(
+            self.url, auth={"token": self.token}, transports=["websocket"]
+        )
         return self
 
     async def send(self, text: str, client_msg_id: str, **extra: Any) -> dict[str, Any]:
@@ -225,7 +235,9 @@ def http(gateway: RunningGateway, token: str | None = None) -> httpx.AsyncClient
     return httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=30)
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 20, every: float = 0.1) -> Any:
+async def eventually(
+    check: Callable[[], Any], timeout: float = 20, every: float = 0.1
+) -> Any:
     """Poll ``check`` until it returns a truthy value, or fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -237,3 +249,94 @@ async def eventually(check: Callable[[], Any], timeout: float = 20, every: float
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(every)
+
+
+@dataclass
+class GatewayProcess:
+    """``chat-gateway serve`` running as a child process, its stdout captured."""
+
+    process: Any
+    url: str
+    port: int
+    log_path: Path
+    env: dict[str, str]
+
+    def lines(self) -> list[str]:
+        return self.log_path.read_text(errors="replace").splitlines()
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except Exception:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+def wait_ready(url: str, timeout: float = 60, process: Any = None) -> None:
+    """Wait until ``url``/readyz answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the gateway exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} was not ready within {timeout} s")
+
+
+@pytest.fixture
+def spawn_gateway(
+    secantus: EmbeddedMongo, tmp_path: Path
+) -> Iterator[Callable[..., GatewayProcess]]:
+    """Start ``chat-gateway serve`` subprocesses; all are stopped after the test."""
+    import subprocess
+    import sys
+
+    started: list[GatewayProcess] = []
+
+    def spawn(
+        *args: str,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        ready: bool = True,
+    ) -> GatewayProcess:
+        port = port or free_port()
+        number = len(started)
+        values = {
+            "MONGODB_URI": secantus.uri,
+            "CHAT_MONGODB_DATABASE": f"chat_proc_{os.getpid()}_{next(_database_numbers)}",
+            "CHAT_JWT_SECRET": SECRET,
+            "CHAT_RECONCILE_INTERVAL_SECONDS": "1",
+            "CHAT_RUNTIME_LOG_INTERVAL_SECONDS": "1",
+        }
+        values.update(env or {})
+        full_env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CHAT_"))
+        }
+        full_env.update(values)
+        log_path = tmp_path / f"gateway-{number}.log"
+        command = [
+            str(Path(sys.executable).with_name("chat-gateway")), "serve",
+            "--port", str(port), "--data-dir", str(tmp_path / f"proc-{number}"), *args,
+        ]  # fmt: skip
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=full_env
+            )
+        running = GatewayProcess(
+            process, f"http://127.0.0.1:{port}", port, log_path, values
+        )
+        started.append(running)
+        if ready:
+            wait_ready(running.url, process=process)
+        return running
+
+    yield spawn
+    for running in started:
+        running.stop()

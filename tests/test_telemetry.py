@@ -1,0 +1,393 @@
+"""Traces, metrics and logs of a live gateway, read the way an operator reads them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+)
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.embedded import free_port
+from service.logs import JsonFormatter
+from tests.conftest import RunningGateway, eventually, http
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.fixture
+def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider, exporter
+    provider.shutdown()
+
+
+def _by_name(finished: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
+    return [span for span in finished if span.name == name]
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+async def test_message_span_tree(
+    gateway_factory: Any,
+    connect: Any,
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    """One message yields the documented spans, parents and links."""
+    provider, exporter = spans
+    gateway = gateway_factory(tracer_provider=provider)
+    client = await connect(gateway, gateway.token("t1", "olga"))
+
+    ack = await client.send("trace me", "tr-1")
+    await eventually(lambda: _by_name(exporter.get_finished_spans(), "index messages"))
+    finished = exporter.get_finished_spans()
+
+    (message,) = _by_name(finished, "send_message task:{task_id}")
+    (emit,) = _by_name(finished, "emit task:{task_id}")
+    (enqueue,) = _by_name(finished, "enqueue index")
+    (insert,) = _by_name(finished, "insert messages")
+    index = _by_name(finished, "index messages")[0]
+    context = message.get_span_context()
+
+    attributes = dict(message.attributes or {})
+    assert attributes["messaging.system"] == "socketio"
+    assert attributes["messaging.destination.name"] == "task:t1"
+    assert attributes["messaging.message.id"] == ack["id"]
+    assert attributes["messaging.message.body.size"] == len(b"trace me")
+    assert attributes["chat.batch.wait_seconds"] >= 0
+    assert "chat.message.text" not in attributes
+    assert emit.parent is not None
+    assert emit.parent.span_id == context.span_id
+    assert dict(emit.attributes or {})["chat.fanout.sockets"] == 1
+    assert enqueue.parent is not None
+    assert enqueue.parent.span_id == context.span_id
+    assert dict(enqueue.attributes or {})["chat.index.outcome"] == "queued"
+
+    insert_attributes = dict(insert.attributes or {})
+    assert insert_attributes["db.system.name"] == "mongodb"
+    assert insert_attributes["db.collection.name"] == "messages"
+    assert insert_attributes["db.operation.batch.size"] == 1
+    assert insert_attributes["chat.batch.id"] == attributes["chat.batch.id"]
+    assert [link.context.span_id for link in insert.links] == [context.span_id]
+    assert context.span_id in [link.context.span_id for link in index.links]
+    children = {
+        span.name
+        for span in finished
+        if span.parent and span.parent.span_id == index.context.span_id
+    }
+    assert {"upsert chat_messages", "update messages"} <= children
+    assert any(name.startswith("embeddings ") for name in children)
+
+
+async def test_client_traceparent_continued(
+    gateway_factory: Any,
+    connect: Any,
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    """A W3C traceparent from the client becomes the message span's parent."""
+    provider, exporter = spans
+    gateway = gateway_factory(tracer_provider=provider, indexing_enabled=False)
+    client = await connect(gateway, gateway.token("t1", "olga"))
+
+    await client.send("continue my trace", "tp-1", traceparent=TRACEPARENT)
+    (message,) = await eventually(
+        lambda: _by_name(exporter.get_finished_spans(), "send_message task:{task_id}")
+    )
+
+    assert format(message.context.trace_id, "032x") == TRACEPARENT.split("-")[1]
+    assert message.parent is not None
+    assert format(message.parent.span_id, "016x") == TRACEPARENT.split("-")[2]
+
+
+async def test_rest_send_continues_header_trace(
+    gateway_factory: Any, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """The REST route continues a traceparent header; health routes make no spans."""
+    provider, exporter = spans
+    gateway = gateway_factory(tracer_provider=provider, indexing_enabled=False)
+
+    async with http(gateway, gateway.token("t1", "olga")) as api:
+        await api.get("/healthz")
+        await api.get("/readyz")
+        await api.get("/metrics")
+        await api.post(
+            "/api/tasks/t1/messages",
+            json={"client_msg_id": "rest-tp", "text": "over HTTP"},
+            headers={"traceparent": TRACEPARENT},
+        )
+    finished = exporter.get_finished_spans()
+
+    (message,) = _by_name(finished, "send_message task:{task_id}")
+    assert format(message.context.trace_id, "032x") == TRACEPARENT.split("-")[1]
+    http_names = {
+        span.name
+        for span in finished
+        if span.attributes and "http.route" in span.attributes
+    }
+    assert any("/api/tasks/{task}/messages" in name for name in http_names)
+    assert not any(
+        path in name for name in http_names for path in ("healthz", "readyz", "metrics")
+    )
+
+
+async def test_rejection_recorded_on_span(
+    gateway_factory: Any,
+    connect: Any,
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    """A rejected message's span has error status and the code."""
+    provider, exporter = spans
+    gateway = gateway_factory(tracer_provider=provider, indexing_enabled=False)
+    client = await connect(gateway, gateway.token("t1", "olga"))
+
+    await client.send("x" * 4001, "too-long")
+    (message,) = _by_name(exporter.get_finished_spans(), "send_message task:{task_id}")
+
+    assert message.status.status_code.name == "ERROR"
+    assert dict(message.attributes or {})["error.type"] == "text_too_long"
+
+
+async def test_metric_values_after_known_traffic(
+    gateway: RunningGateway, connect: Any
+) -> None:
+    """Counters and histograms match a known number of messages and rejections."""
+    operator = await connect(gateway, gateway.token("t1", "olga"))
+    manager = await connect(gateway, gateway.token("t1", "max", "manager"))
+    for number in range(7):
+        await operator.send(f"m{number}", f"known-{number}")
+    await operator.send("m0", "known-0")  # a retry
+    await manager.send("x" * 4001, "long")
+    await manager.sio.call("send_message", "junk")
+    await manager.sio.emit("no_such_event", {"a": 1})
+    await asyncio.sleep(0.2)
+
+    async with http(gateway) as api:
+        values = _samples((await api.get("/metrics")).text)
+
+    def value(name: str, **labels: str) -> float:
+        return values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("chat_messages_total", outcome="accepted", code="") == 7
+    assert value("chat_messages_total", outcome="duplicate", code="") == 1
+    assert value("chat_messages_total", outcome="rejected", code="text_too_long") == 1
+    assert value("chat_messages_total", outcome="rejected", code="invalid_payload") == 1
+    assert value("chat_events_ignored_total", reason="unknown_event") == 1
+    assert value("chat_active_sockets") == 2
+    assert value("chat_socket_connections_total", outcome="accepted") == 2
+    assert value("chat_message_ack_duration_seconds_count") == 10
+    assert value("chat_fanout_duration_seconds_count") == 7
+    assert value("chat_mongo_write_batch_size_sum") == 8
+    assert value("chat_mongo_write_duration_seconds_count") >= 1
+    assert value("process_resident_memory_bytes") > 0
+    assert value("chat_heap_bytes") > 0
+    assert value("chat_memory_limit_bytes") > value("chat_heap_bytes")
+    for name in values:
+        labels = dict(name[1])
+        assert not {"task_id", "task", "user", "sid", "message_id"} & set(labels)
+
+
+async def test_exemplars_in_openmetrics(
+    gateway_factory: Any,
+    connect: Any,
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    """Latency histograms carry trace-id exemplars when the scraper asks for OpenMetrics."""
+    provider, exporter = spans
+    gateway = gateway_factory(tracer_provider=provider, indexing_enabled=False)
+    client = await connect(gateway, gateway.token("t1", "olga"))
+    await client.send("exemplar", "ex-1")
+    trace_ids = {
+        format(s.context.trace_id, "032x") for s in exporter.get_finished_spans()
+    }
+
+    async with http(gateway) as api:
+        openmetrics = await api.get(
+            "/metrics",
+            headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+        )
+        plain = await api.get("/metrics")
+
+    assert openmetrics.headers["content-type"].startswith(
+        "application/openmetrics-text"
+    )
+    exemplar_lines = [
+        line for line in openmetrics.text.splitlines() if " # {trace_id=" in line
+    ]
+    names = {line.split("_bucket")[0] for line in exemplar_lines}
+    assert {
+        "chat_message_ack_duration_seconds",
+        "chat_mongo_write_duration_seconds",
+        "chat_fanout_duration_seconds",
+    } <= names
+    for line in exemplar_lines:
+        trace_id = line.split('trace_id="')[1].split('"')[0]
+        assert trace_id in trace_ids
+    assert "# {trace_id=" not in plain.text
+
+
+async def test_loop_lag_catches_200ms_block(gateway: RunningGateway) -> None:
+    """A callback that holds the event loop for 200 ms shows in the lag histogram."""
+
+    async def block() -> None:
+        time.sleep(0.2)  # deliberately blocks the gateway's loop
+
+    def slow_buckets() -> float:
+        histogram = gateway.gateway.metrics.loop_lag
+        samples = {
+            s.labels["le"]: s.value
+            for family in histogram.collect()
+            for s in family.samples
+            if s.name.endswith("_bucket")
+        }
+        return samples["+Inf"] - samples["0.15"]
+
+    before = slow_buckets()
+    gateway.call(block())
+    await asyncio.sleep(0.3)
+
+    assert slow_buckets() - before >= 1
+
+
+def _json_lines(lines: list[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+async def test_log_lines_documented_shapes(spawn_gateway: Any) -> None:
+    """stdout is JSON; KPI lines keep their documented fields exactly."""
+    process = spawn_gateway(
+        env={"CHAT_LOG_MONGO_WRITES": "all", "CHAT_INDEXING_ENABLED": "false"}
+    )
+    token = _token(process)
+    async with httpx.AsyncClient(base_url=process.url) as api:
+        for number in range(3):
+            await api.post(
+                "/api/tasks/t1/messages",
+                json={"client_msg_id": f"log-{number}", "text": "hello"},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+    await asyncio.sleep(2.2)
+    process.stop()
+
+    raw = [line for line in process.lines() if line.strip()]
+    lines = _json_lines(raw)
+    assert len(lines) == len(raw), "every stdout line is JSON"
+    by_metric: dict[str, list[dict[str, Any]]] = {}
+    for line in lines:
+        by_metric.setdefault(line.get("metric", ""), []).append(line)
+
+    assert set(by_metric["runtime"][0]) == {
+        "t", "metric", "messages_per_sec", "active_sockets", "rss_mb", "heap_used_mb",
+    }  # fmt: skip
+    assert len(by_metric["mongo_write_ms"]) >= 1
+    assert set(by_metric["mongo_write_ms"][0]) == {"t", "metric", "value"}
+    assert set(by_metric["event_loop_lag_ms"][0]) == {"t", "metric", "value"}
+    events = by_metric[""]
+    assert all({"t", "level", "logger", "message"} <= set(line) for line in events)
+    assert any(line["message"].startswith("chat gateway started") for line in events)
+    assert any(line["message"] == "chat gateway stopped" for line in events)
+    assert not any("test-secret-" in line for line in raw)
+
+
+def _token(process: Any) -> str:
+    from service.auth import issue_token
+
+    return issue_token(
+        process.env["CHAT_JWT_SECRET"], user="olga", task="t1", role="operator", ttl=60
+    )
+
+
+def test_log_lines_carry_trace_ids() -> None:
+    """A line written inside a recording span carries its trace and span ids."""
+    import logging
+
+    provider = TracerProvider()
+    record = logging.LogRecord(
+        "chat.test", logging.INFO, __file__, 1, "inside", None, None
+    )
+    with provider.get_tracer("test").start_as_current_span("work") as span:
+        line = json.loads(JsonFormatter().format(record))
+        context = span.get_span_context()
+    outside = json.loads(JsonFormatter().format(record))
+
+    assert line["trace_id"] == format(context.trace_id, "032x")
+    assert line["span_id"] == format(context.span_id, "016x")
+    assert "trace_id" not in outside
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: list[bytes] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        _Receiver.received.append(self.rfile.read(length))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+async def test_otlp_export_reaches_receiver(spawn_gateway: Any) -> None:
+    """With OTEL_EXPORTER_OTLP_ENDPOINT set, spans reach an OTLP/HTTP receiver."""
+    port = free_port()
+    receiver = ThreadingHTTPServer(("127.0.0.1", port), _Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    _Receiver.received = []
+    try:
+        process = spawn_gateway(
+            env={
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                "OTEL_BSP_SCHEDULE_DELAY": "200",
+                "OTEL_SERVICE_NAME": "chat-gateway-test",
+                "CHAT_INDEXING_ENABLED": "false",
+            }
+        )
+        async with httpx.AsyncClient(base_url=process.url) as api:
+            await api.post(
+                "/api/tasks/t1/messages",
+                json={"client_msg_id": "otlp-1", "text": "export me"},
+                headers={"Authorization": f"Bearer {_token(process)}"},
+            )
+        await eventually(lambda: _Receiver.received, timeout=15)
+        process.stop()
+    finally:
+        receiver.shutdown()
+
+    names: set[str] = set()
+    services: set[str] = set()
+    for body in _Receiver.received:
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in request.resource_spans:
+            for attribute in resource_spans.resource.attributes:
+                if attribute.key == "service.name":
+                    services.add(attribute.value.string_value)
+            for scope in resource_spans.scope_spans:
+                names.update(span.name for span in scope.spans)
+    assert services == {"chat-gateway-test"}
+    assert {
+        "send_message task:{task_id}",
+        "insert messages",
+        "emit task:{task_id}",
+    } <= names
