@@ -33,7 +33,7 @@ from service.metrics import Metrics
 from service.ratelimit import TokenBucket
 from service.settings import Settings
 from service.store import message_view
-from service.tracing import ROOM_TEMPLATE, Tracing, trace_id_of
+from service.tracing import ROOM_TEMPLATE, Tracing, extract_context, trace_id_of
 from service.writer import BatchWriter
 
 __all__ = ["Incoming", "MessageService", "validate_payload"]
@@ -161,8 +161,6 @@ class MessageService:
         received = time.perf_counter()
         span: Span | None = None
         if self._tracing.enabled:
-            from service.tracing import extract_context
-
             traceparent = (
                 payload.get("traceparent") if isinstance(payload, dict) else None
             )

@@ -31,9 +31,10 @@ SOCKETIO_CLIENT_JS = (
     / "socket.io.min.js"
 )
 
-# The page renders message text with textContent only; this policy is a second
-# line of defence that blocks inline and third-party scripts. In CSP Level 3,
-# 'self' in connect-src also allows WebSockets to the same host and port.
+# The page sets message text with textContent only. This policy is a second
+# line of defence: it blocks inline and third-party scripts. CSP Level 3 lets
+# 'self' in connect-src match ws: and wss: on the page's own host and port, and
+# the browser tests run the page under this policy.
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; "
     "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
@@ -43,10 +44,12 @@ CONTENT_SECURITY_POLICY = (
 
 class PageConfig(BaseModel):
     jaeger_ui_url: str | None = Field(
-        description="Base URL of the Jaeger UI (CHAT_JAEGER_UI_URL); the page links "
-        "each message's trace to {jaeger_ui_url}/trace/{trace_id}. Null when unset."
+        description="Base URL of the Jaeger UI (CHAT_JAEGER_UI_URL), or null when "
+        "unset. The page links each message's trace to {jaeger_ui_url}/trace/{trace_id}."
     )
-    max_text_chars: int = Field(description="The longest message text accepted.")
+    max_text_chars: int = Field(
+        description="The maximum message length in characters (CHAT_MAX_TEXT_CHARS)."
+    )
 
 
 def _missing_client(path: Path) -> PlainTextResponse:
@@ -67,8 +70,8 @@ def install_page(api: FastAPI, settings: Settings) -> None:
     }
     if not client_js.is_file():
         logger.warning(
-            "the chat page cannot load: %s does not exist; run `npm ci` or set "
-            "CHAT_SOCKETIO_CLIENT_JS",
+            "the chat page cannot connect because the Socket.IO client %s does "
+            "not exist: run `npm ci` or set CHAT_SOCKETIO_CLIENT_JS",
             client_js,
         )
 

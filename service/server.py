@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -50,9 +52,17 @@ def serve(settings: Settings) -> None:
     if settings.workers == 1:
         from service.app import create_app
 
+        # uvicorn re-raises the stopping signal once it has shut down; exiting
+        # with 0 then tells process managers that the shutdown was clean.
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, _exit_cleanly)
         uvicorn.Server(_uvicorn_config(create_app(settings), settings)).run()
         return
     _serve_workers(settings)
+
+
+def _exit_cleanly(number: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def _check_workers(settings: Settings) -> None:

@@ -101,7 +101,8 @@ class Settings(BaseSettings):
     memory_limit_bytes: int | None = Field(default=None, gt=0)
     jaeger_ui_url: str = ""
 
-    # The chat page. Empty means node_modules/ of the repository (`npm ci`).
+    # The Socket.IO client file the chat page loads. Unset means the copy that
+    # `npm ci` installs under node_modules/ in the repository.
     socketio_client_js: Path | None = None
 
     @field_validator("write_concern")

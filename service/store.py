@@ -69,6 +69,10 @@ class MessageStore:
             tz_aware=True,
             serverSelectionTimeoutMS=int(timeout_seconds * 1000),
             connectTimeoutMS=int(timeout_seconds * 1000),
+            # After a "shutting down" error (11600, 91) the driver marks the
+            # server unknown. A polling monitor checks it again within 0.5 s; a
+            # streaming one waited out its 10 s heartbeat, failing every write.
+            serverMonitoringMode="poll",
             appname="chat-gateway",
         )
         self.database_name = database

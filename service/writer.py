@@ -48,7 +48,7 @@ _DUPLICATE_KEY = 11000
 
 @dataclass(slots=True)
 class WriteResult:
-    """What happened to one message: stored now, or stored before."""
+    """The outcome of one message's write: stored now, or stored earlier."""
 
     doc: Document
     duplicate: bool
@@ -172,7 +172,7 @@ class BatchWriter:
             self._in_flight += len(batch)
             try:
                 await self._write(batch)
-            except Exception as exc:  # keep the writer alive whatever happens
+            except Exception as exc:  # a bug here must not stop every later write
                 logger.exception("batch write failed unexpectedly")
                 self._fail(batch, StoreUnavailable(f"write failed: {exc}"))
             finally:
@@ -201,7 +201,8 @@ class BatchWriter:
             self._record_outage(error, len(batch))
             message = (
                 f"MongoDB did not acknowledge the write ({type(error).__name__}): "
-                "the message was not saved, resend it with the same client_msg_id"
+                "the message may not be stored; resend it with the same "
+                "client_msg_id, which stores it once either way"
             )
             self._fail(batch, StoreUnavailable(message))
             return

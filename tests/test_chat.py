@@ -11,7 +11,9 @@ import socketio
 from tests.conftest import RunningGateway, eventually, fail_point, http
 
 
-async def test_operator_and_manager_chat(gateway: RunningGateway, connect: Any, mongo: Any) -> None:
+async def test_operator_and_manager_chat(
+    gateway: RunningGateway, connect: Any, mongo: Any
+) -> None:
     """Each participant receives the other's message, and each is stored once."""
     operator = await connect(gateway, gateway.token("t1", "olga", "operator"))
     manager = await connect(gateway, gateway.token("t1", "max", "manager"))
@@ -35,7 +37,9 @@ async def test_operator_and_manager_chat(gateway: RunningGateway, connect: Any, 
     assert sorted(d["client_msg_id"] for d in stored) == ["a-1", "b-1"]
 
 
-async def test_retry_returns_first_ack(gateway: RunningGateway, connect: Any, mongo: Any) -> None:
+async def test_retry_returns_first_ack(
+    gateway: RunningGateway, connect: Any, mongo: Any
+) -> None:
     """A retried client_msg_id is acked with the first id and not fanned out twice."""
     operator = await connect(gateway, gateway.token("t1", "olga"))
     manager = await connect(gateway, gateway.token("t1", "max", "manager"))
@@ -49,7 +53,10 @@ async def test_retry_returns_first_ack(gateway: RunningGateway, connect: Any, mo
     assert again["id"] == first["id"]
     assert again["duplicate"] is True
     assert len(manager.received) == 1
-    assert mongo[gateway.database].messages.count_documents({"client_msg_id": "same-id"}) == 1
+    assert (
+        mongo[gateway.database].messages.count_documents({"client_msg_id": "same-id"})
+        == 1
+    )
 
 
 async def test_concurrent_duplicates_stored_once(
@@ -58,11 +65,16 @@ async def test_concurrent_duplicates_stored_once(
     """The same id sent many times at once lands in one batch and is stored once."""
     operator = await connect(gateway, gateway.token("t1", "olga"))
 
-    acks = await asyncio.gather(*(operator.send("burst", "dup-burst") for _ in range(5)))
+    acks = await asyncio.gather(
+        *(operator.send("burst", "dup-burst") for _ in range(5))
+    )
 
     assert {ack["id"] for ack in acks} == {acks[0]["id"]}
     assert sum(1 for ack in acks if ack.get("duplicate")) == 4
-    assert mongo[gateway.database].messages.count_documents({"client_msg_id": "dup-burst"}) == 1
+    assert (
+        mongo[gateway.database].messages.count_documents({"client_msg_id": "dup-burst"})
+        == 1
+    )
 
 
 async def test_rooms_isolate_tasks(gateway: RunningGateway, connect: Any) -> None:
@@ -126,7 +138,9 @@ async def test_expired_token_refused(gateway: RunningGateway) -> None:
     client.on("connect_error", errors.append)
 
     with pytest.raises(socketio.exceptions.ConnectionError):
-        await client.connect(gateway.url, auth={"token": token}, transports=["websocket"])
+        await client.connect(
+            gateway.url, auth={"token": token}, transports=["websocket"]
+        )
 
     assert "expired" in errors[0]["message"]
 
@@ -198,7 +212,9 @@ async def test_overloaded_when_queue_full(
         times=3,
     )
     try:
-        acks = await asyncio.gather(*(client.send(f"m{i}", f"ov-{i}") for i in range(12)))
+        acks = await asyncio.gather(
+            *(client.send(f"m{i}", f"ov-{i}") for i in range(12))
+        )
     finally:
         fail_point(secantus.uri, None)
 
@@ -207,7 +223,9 @@ async def test_overloaded_when_queue_full(
     assert None in codes
 
 
-async def test_history_pages_newest_first(gateway: RunningGateway, connect: Any) -> None:
+async def test_history_pages_newest_first(
+    gateway: RunningGateway, connect: Any
+) -> None:
     """History comes newest first, in pages linked by next_before."""
     client = await connect(gateway, gateway.token("t1", "olga"))
     for number in range(5):
@@ -217,13 +235,18 @@ async def test_history_pages_newest_first(gateway: RunningGateway, connect: Any)
         first = (await api.get("/api/tasks/t1/messages", params={"limit": 3})).json()
         second = (
             await api.get(
-                "/api/tasks/t1/messages", params={"limit": 3, "before": first["next_before"]}
+                "/api/tasks/t1/messages",
+                params={"limit": 3, "before": first["next_before"]},
             )
         ).json()
         too_big = await api.get("/api/tasks/t1/messages", params={"limit": 201})
         bad_cursor = await api.get("/api/tasks/t1/messages", params={"before": "zzz"})
 
-    assert [m["text"] for m in first["messages"]] == ["message 4", "message 3", "message 2"]
+    assert [m["text"] for m in first["messages"]] == [
+        "message 4",
+        "message 3",
+        "message 2",
+    ]
     assert [m["text"] for m in second["messages"]] == ["message 1", "message 0"]
     assert second["next_before"] is None
     assert too_big.status_code == 400
@@ -275,7 +298,9 @@ async def test_search_finds_paraphrase(gateway: RunningGateway, connect: Any) ->
 
     await eventually(indexed)
     async with http(gateway, token) as api:
-        response = await api.get("/api/search", params={"q": "user has a sign-in problem"})
+        response = await api.get(
+            "/api/search", params={"q": "user has a sign-in problem"}
+        )
 
     results = response.json()["results"]
     assert response.status_code == 200
