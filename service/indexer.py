@@ -28,7 +28,7 @@ from service.embedders import Embedder
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import Document, MessageStore
-from service.tracing import Tracing
+from service.tracing import Tracing, trace_id_of
 from service.vectors import VectorIndex
 
 __all__ = ["IndexItem", "Indexer"]
@@ -255,7 +255,7 @@ class Indexer:
             finally:
                 self._metrics.embedder_duration.labels(
                     embedder=self._embedder.name
-                ).observe(time.perf_counter() - started)
+                ).observe(time.perf_counter() - started, exemplar=_current_exemplar())
 
         payloads: list[dict[str, Any]] = [
             {
@@ -283,7 +283,7 @@ class Indexer:
                 raise
             finally:
                 self._metrics.qdrant_duration.labels(operation="upsert").observe(
-                    time.perf_counter() - started
+                    time.perf_counter() - started, exemplar=_current_exemplar()
                 )
 
         now = datetime.now(UTC)
@@ -304,10 +304,13 @@ class Indexer:
                 raise
 
         self._metrics.indexed.inc(len(batch))
-        span_context = trace.get_current_span().get_span_context()
-        exemplar = None
-        if span_context.is_valid and span_context.trace_flags.sampled:
-            exemplar = {"trace_id": format(span_context.trace_id, "032x")}
+        exemplar = _current_exemplar()
         for item in batch:
             lag = (now - item.created_at).total_seconds()
             self._metrics.index_lag.observe(max(lag, 0.0), exemplar=exemplar)
+
+
+def _current_exemplar() -> dict[str, str] | None:
+    """Return an exemplar naming the current span's trace, if it is sampled."""
+    trace_id = trace_id_of(trace.get_current_span().get_span_context())
+    return {"trace_id": trace_id} if trace_id else None
