@@ -186,6 +186,8 @@ async def search(
 ) -> Any:
     task = task or principal.task
     _own_task(principal, task)
+    if not q.strip():
+        raise InvalidPayload("q must contain at least one non-blank character")
     gateway = gateway_of(request)
     results = await gateway.search(task, q, limit)
     return {"results": results}

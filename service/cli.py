@@ -50,7 +50,12 @@ def _add_token(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--data-dir", type=Path, help="folder holding the secret (default ./data)"
     )
-    parser.add_argument("--ttl", type=float, help="lifetime in seconds (default 43200)")
+    parser.add_argument(
+        "--ttl",
+        type=float,
+        help="lifetime in seconds (default 43200); the gateway accepts a token "
+        "CHAT_TOKEN_LEEWAY_SECONDS (30) past its expiry, for clock skew",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,12 +136,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = args.handler
         return int(handler(args))
     except ValidationError as exc:
-        errors = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
-            for e in exc.errors()
-        )
-        print(f"chat-gateway: invalid setting: {errors}", file=sys.stderr)
+        print(f"chat-gateway: {_explain(exc)}", file=sys.stderr)
         return 2
+
+
+def _explain(exc: ValidationError) -> str:
+    """Name each invalid setting by its environment variable, with its value."""
+    from service.settings import env_name
+
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(
+            f"{env_name(field)}={error.get('input')!r} is invalid: {message}"
+        )
+    return "; ".join(problems)
 
 
 if __name__ == "__main__":

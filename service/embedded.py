@@ -7,8 +7,10 @@ it over a socket; no code of it is imported here.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +21,8 @@ __all__ = ["EmbeddedMongo", "EmbeddedMongoError", "free_port"]
 
 logger = logging.getLogger("chat.embedded")
 _PROGRAM = "secantusd-py"
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 class EmbeddedMongoError(RuntimeError):
@@ -30,6 +34,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def _exit_with_parent() -> None:
+    """Ask Linux to SIGTERM this child when the thread that started it dies.
+
+    Without it, a gateway killed with SIGKILL leaves SecantusDB running and
+    holding its data folder, and the next start fails on the WiredTiger lock.
+    """
+    # Runs in the forked child, so it only calls into a library loaded before.
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _program() -> str:
@@ -75,7 +90,11 @@ class EmbeddedMongo:
             command.append("--enable-test-commands")
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_exit_with_parent,
             )
         self._wait_ready(timeout)
         logger.info(
@@ -95,7 +114,9 @@ class EmbeddedMongo:
                 raise EmbeddedMongoError(
                     f"SecantusDB exited with code {self.process.returncode} at start-up; "
                     f"its log {self.log_path} ends with:\n{self._log_tail()}\nIf another "
-                    "gateway uses this --data-dir, stop it or choose another folder"
+                    "process holds this folder (a running gateway, or a SecantusDB "
+                    "left behind: `pgrep -af secantusd-py`), stop it or choose "
+                    "another --data-dir"
                 )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):

@@ -6,12 +6,15 @@ Each process drains on SIGTERM before uvicorn closes its sockets (see
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import signal
+import socket
+from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
@@ -49,16 +52,65 @@ def _uvicorn_config(app: Any, settings: Settings, **extra: Any) -> uvicorn.Confi
 def serve(settings: Settings) -> None:
     """Serve the gateway until a signal stops it."""
     load_secret(settings.jwt_secret, settings.data_dir, create=True)
-    if settings.workers == 1:
-        from service.app import create_app
+    lock = _lock_data_dir(settings.data_dir)
+    try:
+        if settings.workers == 1:
+            _serve_one(settings)
+        else:
+            _serve_workers(settings)
+    finally:
+        lock.close()
 
-        # uvicorn re-raises the stopping signal once it has shut down; exiting
-        # with 0 then tells process managers that the shutdown was clean.
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, _exit_cleanly)
-        uvicorn.Server(_uvicorn_config(create_app(settings), settings)).run()
-        return
-    _serve_workers(settings)
+
+def _serve_one(settings: Settings) -> None:
+    from service.app import create_app
+
+    # Bind before the app starts, so a port in use fails at once and clearly.
+    listener = _bind(settings)
+    # uvicorn re-raises the stopping signal once it has shut down; exiting
+    # with 0 then tells process managers that the shutdown was clean.
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, _exit_cleanly)
+    config = _uvicorn_config(create_app(settings), settings)
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+def _lock_data_dir(data_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on the data dir for as long as this process serves."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "gateway.lock"
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ServeError(
+            f"the data dir {data_dir} is in use by {holder}: stop that gateway, "
+            "or pass another --data-dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"gateway pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _bind(settings: Settings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((settings.host, settings.port))
+    except OSError as exc:
+        listener.close()
+        raise ServeError(
+            f"cannot listen on {settings.host}:{settings.port} ({exc.strerror}): "
+            "pass another --port, or set CHAT_PORT"
+        ) from None
+    listener.set_inheritable(True)
+    return listener
 
 
 def _exit_cleanly(number: int, frame: FrameType | None) -> None:
@@ -101,7 +153,7 @@ def _serve_workers(settings: Settings) -> None:
         factory=True,
         workers=settings.workers,
     )
-    listener = config.bind_socket()
+    listener = _bind(settings)
     logger.info(
         "starting workers",
         extra={

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["MIN_SECRET_BYTES", "Settings"]
+__all__ = ["MIN_SECRET_BYTES", "Settings", "env_name"]
 
 #: HS256 keys shorter than the hash output (32 bytes) weaken the MAC (RFC 7518, 3.2).
 MIN_SECRET_BYTES = 32
@@ -105,6 +105,15 @@ class Settings(BaseSettings):
     # `npm ci` installs under node_modules/ in the repository.
     socketio_client_js: Path | None = None
 
+    @field_validator("mongodb_uri")
+    @classmethod
+    def _check_mongodb_uri(cls, value: str) -> str:
+        if value and not value.startswith(("mongodb://", "mongodb+srv://")):
+            raise ValueError(
+                "a MongoDB connection string starts with mongodb:// or mongodb+srv://"
+            )
+        return value
+
     @field_validator("write_concern")
     @classmethod
     def _check_write_concern(cls, value: str) -> str:
@@ -118,3 +127,12 @@ class Settings(BaseSettings):
     def write_concern_w(self) -> int | str:
         """Return ``w`` for PyMongo's ``WriteConcern``."""
         return int(self.write_concern) if self.write_concern.isdigit() else "majority"
+
+
+def env_name(field: str) -> str:
+    """Return the environment variable that sets a settings field."""
+    info = Settings.model_fields.get(field)
+    if info is None:
+        return field  # errors name aliased fields by their variable already
+    choices = getattr(info.validation_alias, "choices", None)
+    return str(choices[0]) if choices else f"CHAT_{field.upper()}"

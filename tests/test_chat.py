@@ -308,6 +308,14 @@ async def test_search_finds_paraphrase(gateway: RunningGateway, connect: Any) ->
     assert results[0]["score"] > results[1]["score"]
 
 
+async def test_blank_search_rejected(gateway: RunningGateway) -> None:
+    async with http(gateway, gateway.token("t1", "olga")) as api:
+        response = await api.get("/api/search", params={"q": "   "})
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_payload"
+
+
 async def test_health_and_readiness(gateway: RunningGateway) -> None:
     async with http(gateway) as api:
         health = await api.get("/healthz")

@@ -62,8 +62,23 @@ def test_bad_setting_explained() -> None:
     )
 
     assert result.returncode == 2
-    assert "write_concern" in result.stderr
-    assert "'two'" in result.stderr
+    assert "CHAT_WRITE_CONCERN='two' is invalid" in result.stderr
+    assert "'majority'" in result.stderr
+
+
+def test_mongodb_uri_needs_scheme() -> None:
+    """A MONGODB_URI without a mongodb:// scheme is rejected before any lookup."""
+    env = {**os.environ, "MONGODB_URI": "notauri", "CHAT_JWT_SECRET": "s" * 40}
+    result = subprocess.run(
+        [CLI, "token", "--task", "t", "--user", "u", "--role", "operator"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert "MONGODB_URI='notauri' is invalid" in result.stderr
 
 
 def test_token_command_mints_verifiable_token(tmp_path: Path) -> None:

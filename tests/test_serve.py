@@ -1,0 +1,53 @@
+"""`chat-gateway serve` start-up failures a user meets first."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.embedded import free_port
+
+CLI = str(Path(sys.executable).with_name("chat-gateway"))
+
+
+def _serve(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+    full_env.update(env)
+    return subprocess.run(
+        [CLI, "serve", *args], capture_output=True, text=True, env=full_env, timeout=60
+    )
+
+
+def test_data_dir_in_use_rejected(spawn_gateway: Any, tmp_path: Path) -> None:
+    """A second gateway on the same data dir stops at once and names the holder."""
+    running = spawn_gateway()
+    data_dir = tmp_path / "proc-0"
+
+    result = _serve(
+        "--port", str(free_port()), "--data-dir", str(data_dir), env=running.env
+    )
+
+    assert result.returncode == 2
+    assert f"is in use by gateway pid {running.process.pid}" in result.stdout
+    assert running.process.poll() is None
+
+
+def test_port_in_use_rejected(spawn_gateway: Any, tmp_path: Path) -> None:
+    """A port in use stops start-up before the gateway claims to have started."""
+    running = spawn_gateway()
+
+    result = _serve(
+        "--port",
+        str(running.port),
+        "--data-dir",
+        str(tmp_path / "other"),
+        env=running.env,
+    )
+
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{running.port}" in result.stdout
+    assert "--port" in result.stdout
+    assert "chat gateway started" not in result.stdout
