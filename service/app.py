@@ -13,10 +13,12 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pymongo
@@ -98,7 +100,9 @@ class Gateway:
         uri = settings.mongodb_uri
         if not uri:
             self.embedded = EmbeddedMongo(settings.data_dir / "secantusdb")
-            await asyncio.to_thread(self.embedded.start)
+            # Started from this thread, not a pool thread: the child is told to
+            # exit when the thread that started it dies (see EmbeddedMongo).
+            self.embedded.start()
             uri = self.embedded.uri
 
         self.store = MessageStore(
@@ -211,10 +215,12 @@ class Gateway:
         settings = self.settings
         qdrant = self.vectors.location if self.vectors else "off"
         url = f"http://{settings.host}:{settings.port}"
+        command = Path(sys.executable).with_name("chat-gateway")
         logger.info(
-            "chat gateway started on %s; mint a token with `chat-gateway token "
+            "chat gateway started on %s; mint a token with `%s token "
             "--task TASK --user USER --role operator --data-dir %s`",
             url,
+            command if command.exists() else "chat-gateway",
             settings.data_dir,
             extra={
                 "url": url,
@@ -271,6 +277,9 @@ class Gateway:
         depth = self.writer.depth if self.writer else 0
         logger.info("draining: new messages are rejected", extra={"in_flight": depth})
         flushed = await self.writer.drain(self.settings.drain_timeout_seconds)
+        if not flushed:
+            # Fail what is left now, while the sockets can still carry the acks.
+            await self.writer.stop()
         logger.info(
             "drained" if flushed else "drain timed out; unwritten messages get errors",
             extra={
@@ -390,6 +399,29 @@ class GatewayApp(socketio.ASGIApp):  # type: ignore[misc]  # python-socketio is 
     """The ASGI app, with the gateway it serves attached."""
 
     gateway: Gateway
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            receive = _end_on_undecodable_frame(receive)
+        await super().__call__(scope, receive, send)
+
+
+def _end_on_undecodable_frame(receive: Any) -> Any:
+    """Turn a text frame that is not an Engine.IO packet into a disconnect.
+
+    python-engineio 4.15 decodes each frame outside its error handling. An empty
+    frame, or one that does not start with a packet type digit, raised out of the
+    connection and left its socket in every room until the ping timeout (45 s).
+    """
+
+    async def receive_checked() -> Any:
+        message = await receive()
+        text = message.get("text") if message["type"] == "websocket.receive" else None
+        if text is not None and (not text or text[0] not in "0123456789"):
+            return {"type": "websocket.disconnect", "code": 1003}
+        return message
+
+    return receive_checked
 
 
 def create_app(

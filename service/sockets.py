@@ -32,6 +32,24 @@ class _SocketState:
     bucket: TokenBucket
 
 
+class _JsonOnlyPacket(socketio.packet.Packet):  # type: ignore[misc]  # untyped
+    """A Socket.IO packet that must not announce binary attachments.
+
+    The chat protocol is JSON only. python-socketio 5.18 keeps every attachment
+    a binary event announces (up to 10 digits of them) until the last arrives,
+    so one socket could make the server hold any amount of memory.
+    """
+
+    def decode(self, encoded_packet: Any) -> int:
+        attachments = int(super().decode(encoded_packet) or 0)
+        if attachments:
+            raise ValueError(
+                f"a packet announced {attachments} binary attachments; "
+                "send_message takes JSON only"
+            )
+        return attachments
+
+
 def create_socket_server(settings: Settings) -> socketio.AsyncServer:
     """Build the python-socketio server, with Redis fan-out when REDIS_URL is set."""
     manager = None
@@ -41,6 +59,7 @@ def create_socket_server(settings: Settings) -> socketio.AsyncServer:
     return socketio.AsyncServer(
         async_mode="asgi",
         client_manager=manager,
+        serializer=_JsonOnlyPacket,
         transports=transports,
         # None allows only the origin that the Host header names. python-socketio
         # reads an empty list as "check no Origin at all", so never pass one.
@@ -97,7 +116,7 @@ class SocketGateway:
     ) -> None:
         if sid in self._sockets:
             # python-socketio also calls this handler for a client event named
-            # "connect"; a connected socket sending one gets no second room.
+            # "connect". A connected socket that sends one joins no second room.
             await self.other_event("connect", sid)
             return
         token = auth.get("token") if isinstance(auth, dict) else None
@@ -175,7 +194,9 @@ class SocketGateway:
             state.principal, args[0], socket_bucket=state.bucket, client_id=sid
         )
 
-    async def other_event(self, event: str, sid: str, *args: Any) -> None:
+    async def other_event(self, event: str, sid: str = "", *args: Any) -> None:
+        # python-socketio passes a client event named "*" without its name, so
+        # then ``event`` is the sid and ``sid`` the first argument, if any.
         self._metrics.events_ignored.labels(reason="unknown_event").inc()
         logger.debug(
             "ignored unknown event", extra={"sid": sid, "event": str(event)[:64]}

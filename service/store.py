@@ -70,8 +70,9 @@ class MessageStore:
             serverSelectionTimeoutMS=int(timeout_seconds * 1000),
             connectTimeoutMS=int(timeout_seconds * 1000),
             # After a "shutting down" error (11600, 91) the driver marks the
-            # server unknown. A polling monitor checks it again within 0.5 s; a
-            # streaming one waited out its 10 s heartbeat, failing every write.
+            # server unknown. A polling monitor checks it again within 0.5 s,
+            # while a streaming one waits out its 10 s heartbeat and every
+            # write fails until then.
             serverMonitoringMode="poll",
             appname="chat-gateway",
         )

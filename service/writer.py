@@ -172,6 +172,17 @@ class BatchWriter:
             self._in_flight += len(batch)
             try:
                 await self._write(batch)
+            except asyncio.CancelledError:
+                # stop() cancelled the write, but the insert may still land.
+                self._fail(
+                    batch,
+                    StoreUnavailable(
+                        "the gateway stopped before MongoDB acknowledged the write: "
+                        "the message may not be stored; resend it with the same "
+                        "client_msg_id"
+                    ),
+                )
+                raise
             except Exception as exc:  # a bug here must not stop every later write
                 logger.exception("batch write failed unexpectedly")
                 self._fail(batch, StoreUnavailable(f"write failed: {exc}"))
