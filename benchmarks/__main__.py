@@ -12,7 +12,8 @@ import time
 
 # In the order they run: the cheap, quiet measurements first.
 BENCHMARKS = ("wire", "idle_memory", "throughput", "telemetry")
-OPTIONAL = ("profile",)
+OPTIONAL = ("profile", "socket_memory", "compare")
+HAVE_QUICK = ("idle_memory", "throughput", "telemetry")
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
         started = time.monotonic()
         print(f"== {name} ==", flush=True)
         module = importlib.import_module(f"benchmarks.{name}")
-        quick = ["--quick"] if args.quick and name not in ("wire", "profile") else []
+        quick = ["--quick"] if args.quick and name in HAVE_QUICK else []
         module.main(quick)
         print(f"== {name}: {time.monotonic() - started:.0f} s ==\n", flush=True)
 

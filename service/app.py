@@ -103,7 +103,7 @@ class Gateway:
             # Started from this thread, not a pool thread: the child is told to
             # exit when the thread that started it dies (see EmbeddedMongo).
             self.embedded.start()
-            uri = self.embedded.uri
+            uri = self.embedded.gateway_uri
 
         self.store = MessageStore(
             uri,

@@ -138,7 +138,7 @@ def _serve_workers(settings: Settings) -> None:
         # One embedded server for all workers, owned by this supervisor.
         embedded = EmbeddedMongo(settings.data_dir / "secantusdb")
         embedded.start()
-        os.environ["MONGODB_URI"] = embedded.uri
+        os.environ["MONGODB_URI"] = embedded.gateway_uri
 
     multiproc = settings.data_dir / "prometheus-multiproc"
     shutil.rmtree(multiproc, ignore_errors=True)

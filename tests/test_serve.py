@@ -51,3 +51,35 @@ def test_port_in_use_rejected(spawn_gateway: Any, tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1:{running.port}" in result.stdout
     assert "--port" in result.stdout
     assert "chat gateway started" not in result.stdout
+
+
+def test_embedded_defaults_keep_data(spawn_gateway: Any, tmp_path: Path) -> None:
+    """With no MONGODB_URI, serve runs SecantusDB itself, and data survives a restart."""
+    import httpx
+
+    from service.auth import issue_token
+
+    data_dir = tmp_path / "embedded"
+    env = {"MONGODB_URI": "", "CHAT_MONGODB_DATABASE": "chat"}
+    first = spawn_gateway("--data-dir", str(data_dir), env=env)
+    token = issue_token(
+        first.env["CHAT_JWT_SECRET"], user="u", task="t", role="operator", ttl=60
+    )
+    headers = {"Authorization": f"Bearer {token}"}
+    sent = httpx.post(
+        f"{first.url}/api/tasks/t/messages",
+        json={"client_msg_id": "keep-1", "text": "still here after a restart"},
+        headers=headers,
+        timeout=30,
+    )
+    exit_code = first.stop()
+
+    second = spawn_gateway("--data-dir", str(data_dir), env=env)
+    history = httpx.get(
+        f"{second.url}/api/tasks/t/messages", headers=headers, timeout=30
+    )
+
+    assert sent.status_code == 201
+    assert exit_code == 0
+    assert any("started embedded SecantusDB" in line for line in first.lines())
+    assert [m["client_msg_id"] for m in history.json()["messages"]] == ["keep-1"]

@@ -46,11 +46,11 @@ __all__ = [
     "run_load_test",
 ]
 
-# One generator process drives about this many messages/s before its own CPU
-# becomes the limit: each message costs it a send, an ack and two `message`
-# events (the sender's echo and the peer's copy).
-# NOTE: measured with python-socketio 5.18 on one AMD EPYC core; a slower core
-# needs more processes, which --processes sets.
+# Messages/s given to each generator process by default. Each message costs a
+# generator a send, an ack and two `message` events (the sender's own copy and
+# the peer's). One process used about 38% of an AMD EPYC core at 690
+# messages/s (python-socketio 5.18), so 500 leaves room for bursts.
+# NOTE: a slower core needs more processes; --processes sets them.
 MESSAGES_PER_PROCESS = 500
 GENERATOR_CPU_LIMIT = 0.8  # fraction of one core
 GENERATOR_LAG_LIMIT_SECONDS = 0.050
