@@ -23,8 +23,8 @@ from typing import Any
 
 import httpx
 
-from service.auth import issue_token
 from service.embedded import free_port
+from service.loadtest import cli as loadtest_cli
 from service.loadtest.plan import BreakingRule, plan_ramp
 from service.loadtest.report import machine_info, outcome_to_dict, write_report
 from service.loadtest.runner import (
@@ -171,24 +171,7 @@ def bare_server(
 
 def mint_tasks(count: int, prefix: str, ttl: float = 3 * 3600) -> list[TaskTokens]:
     """Return ``count`` tasks with an operator and a manager token each."""
-    tasks = []
-    for number in range(count):
-        task = f"{prefix}-{number}"
-        operator, manager = f"{task}-operator", f"{task}-manager"
-        tasks.append(
-            TaskTokens(
-                task=task,
-                operator=issue_token(
-                    SECRET, user=operator, task=task, role="operator", ttl=ttl
-                ),
-                manager=issue_token(
-                    SECRET, user=manager, task=task, role="manager", ttl=ttl
-                ),
-                operator_user=operator,
-                manager_user=manager,
-            )
-        )
-    return tasks
+    return loadtest_cli.mint_tasks(SECRET, count, prefix, ttl)
 
 
 @dataclass(frozen=True)

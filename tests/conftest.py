@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -53,6 +55,24 @@ def mongo(secantus: EmbeddedMongo) -> Iterator[pymongo.MongoClient[dict[str, Any
     )
     yield client
     client.close()
+
+
+@pytest.fixture
+def figures(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., dict[str, Any]]:
+    """Record a test's measured figures as JSON under <basetemp>/reliability/."""
+
+    def record(**values: Any) -> dict[str, Any]:
+        folder = tmp_path_factory.getbasetemp() / "reliability"
+        folder.mkdir(exist_ok=True)
+        row = {"test": request.node.nodeid, **values}
+        name = re.sub(r"[^\w.-]+", "_", request.node.name)
+        (folder / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
+        print(json.dumps(row))
+        return row
+
+    return record
 
 
 def fail_point(

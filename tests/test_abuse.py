@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import httpx
@@ -108,24 +107,6 @@ class ClientLoop:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
-
-
-@pytest.fixture
-def figures(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Callable[..., dict[str, Any]]:
-    """Record a test's measured figures as JSON under <basetemp>/reliability/."""
-
-    def record(**values: Any) -> dict[str, Any]:
-        folder = tmp_path_factory.getbasetemp() / "reliability"
-        folder.mkdir(exist_ok=True)
-        row = {"test": request.node.nodeid, **values}
-        name = re.sub(r"[^\w.-]+", "_", request.node.name)
-        (folder / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
-        print(json.dumps(row))
-        return row
-
-    return record
 
 
 @pytest.fixture

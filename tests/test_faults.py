@@ -16,12 +16,11 @@ import asyncio
 import gc
 import json
 import os
-import re
 import signal
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,24 +163,6 @@ def check_acked_stored_once(
         assert counts[key] == 1, f"{key} stored {counts[key]} times"
         assert str(stored[key]["_id"]) == outcome.message_id
     return lost
-
-
-@pytest.fixture
-def figures(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Callable[..., dict[str, Any]]:
-    """Record a test's measured figures as JSON under <basetemp>/reliability/."""
-
-    def record(**values: Any) -> dict[str, Any]:
-        folder = tmp_path_factory.getbasetemp() / "reliability"
-        folder.mkdir(exist_ok=True)
-        row = {"test": request.node.nodeid, **values}
-        name = re.sub(r"[^\w.-]+", "_", request.node.name)
-        (folder / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
-        print(json.dumps(row))
-        return row
-
-    return record
 
 
 @pytest.fixture

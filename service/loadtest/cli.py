@@ -285,10 +285,11 @@ def _probe_failure(url: str, rejections: list[Any], exc: Exception) -> str:
     )
 
 
-def _mint_tasks(secret: str, tasks: int, run_id: str, ttl: float) -> list[TaskTokens]:
+def mint_tasks(secret: str, tasks: int, prefix: str, ttl: float) -> list[TaskTokens]:
+    """Return ``tasks`` tasks named ``prefix-N``, each with an operator and a manager token."""
     minted = []
     for number in range(tasks):
-        task = f"loadtest-{run_id}-{number}"
+        task = f"{prefix}-{number}"
         operator, manager = f"{task}-operator", f"{task}-manager"
         minted.append(
             TaskTokens(
@@ -453,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
         secret = _resolve_secret(args)
         planned = sum(s.duration + args.drain_timeout for s in steps)
         run_id = uuid.uuid4().hex[:8]
-        tasks = _mint_tasks(secret, args.tasks, run_id, ttl=planned + 3600)
+        tasks = mint_tasks(secret, args.tasks, f"loadtest-{run_id}", ttl=planned + 3600)
         asyncio.run(_probe(args.url, tasks[0].operator))
     except InputError as exc:
         print(f"chat-gateway loadtest: {exc}", file=sys.stderr)
