@@ -100,8 +100,8 @@ class Gateway:
         uri = settings.mongodb_uri
         if not uri:
             self.embedded = EmbeddedMongo(settings.data_dir / "secantusdb")
-            # Started from this thread, not a pool thread: the child is told to
-            # exit when the thread that started it dies (see EmbeddedMongo).
+            # Started from this thread, not a pool thread, because the child gets
+            # SIGTERM when the thread that started it exits (see EmbeddedMongo).
             self.embedded.start()
             uri = self.embedded.gateway_uri
 

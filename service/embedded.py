@@ -1,8 +1,8 @@
 """The embedded MongoDB-wire server: SecantusDB, run as a child process.
 
 SecantusDB (PyPI ``SecantusDB``, MongoDB wire protocol over WiredTiger) is
-GPL-2.0, so the gateway only starts its ``secantusd-py`` program and talks to
-it over a socket; no code of it is imported here.
+GPL-2.0. The gateway only starts its ``secantusd-py`` program and talks to it
+over a socket, and imports none of its code.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ class VectorIndex:
             size = getattr(vectors, "size", None)
             if size is not None and size != dimension:
                 raise RuntimeError(
-                    f"Qdrant collection {self.collection!r} holds {size}-dimensional "
+                    f"Qdrant collection {self.collection!r} contains {size}-dimensional "
                     f"vectors but the embedder makes {dimension}: set "
                     "CHAT_QDRANT_COLLECTION to a new name or delete the collection"
                 )
