@@ -280,6 +280,7 @@ class Gateway:
         if not flushed:
             # Fail what is left now, while the sockets can still carry the acks.
             await self.writer.stop()
+        await self._wait_for_acks(started + self.settings.drain_timeout_seconds + 1)
         logger.info(
             "drained" if flushed else "drain timed out; unwritten messages get errors",
             extra={
@@ -287,6 +288,23 @@ class Gateway:
                 "left": self.writer.depth,
             },
         )
+
+    async def _wait_for_acks(self, deadline: float) -> None:
+        """Wait until every handled message's ack has left its socket's queue.
+
+        A resolved write still has to pass the fan-out, the ack packet and
+        Engine.IO's per-socket send queue; closing the websockets before that
+        would drop acks of stored messages. The state must hold on two polls
+        in a row, because an ack is briefly in none of those places.
+        """
+        quiet_polls = 0
+        while quiet_polls < 2 and time.monotonic() < deadline:
+            busy = self.service.in_flight > 0 or any(
+                not socket.queue.empty()
+                for socket in list(self.sio.eio.sockets.values())
+            )
+            quiet_polls = 0 if busy else quiet_polls + 1
+            await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
         if self.writer is not None:

@@ -131,6 +131,7 @@ class MessageService:
         self._fanout = fanout
         self._user_buckets: dict[str, TokenBucket] = {}
         self.accepted_count = 0
+        self.in_flight = 0  # messages between receive and ack, for the drain
         self._accepted = metrics.messages.labels(outcome="accepted", code="")
         self._duplicate = metrics.messages.labels(outcome="duplicate", code="")
 
@@ -159,6 +160,7 @@ class MessageService:
     ) -> dict[str, Any]:
         """Run the pipeline for one payload and return the ack to send."""
         received = time.perf_counter()
+        self.in_flight += 1
         span: Span | None = None
         if self._tracing.enabled:
             traceparent = (
@@ -193,6 +195,7 @@ class MessageService:
                 span.set_attribute("error.type", error.code)
             ack = error.to_ack()
         finally:
+            self.in_flight -= 1
             elapsed = time.perf_counter() - received
             exemplar = None
             if span is not None:
