@@ -50,16 +50,21 @@ def test_infrastructure_urls_keep_usual_names(monkeypatch: pytest.MonkeyPatch) -
     assert settings.redis_url == "redis://redis.example:6379/0"
 
 
-def test_bad_setting_explained() -> None:
-    """An invalid value stops the CLI with the setting, the value and exit code 2."""
-    env = {**os.environ, "CHAT_WRITE_CONCERN": "two", "CHAT_JWT_SECRET": "s" * 40}
-    result = subprocess.run(
+def _token_with(**variables: str) -> subprocess.CompletedProcess[str]:
+    """Run `chat-gateway token` with extra environment variables."""
+    env = {**os.environ, "CHAT_JWT_SECRET": "s" * 40, **variables}
+    return subprocess.run(
         [CLI, "token", "--task", "t", "--user", "u", "--role", "operator"],
         capture_output=True,
         text=True,
         env=env,
         timeout=60,
     )
+
+
+def test_bad_setting_explained() -> None:
+    """An invalid value stops the CLI with the setting, the value and exit code 2."""
+    result = _token_with(CHAT_WRITE_CONCERN="two")
 
     assert result.returncode == 2
     assert "CHAT_WRITE_CONCERN='two' is invalid" in result.stderr
@@ -68,14 +73,7 @@ def test_bad_setting_explained() -> None:
 
 def test_mongodb_uri_needs_scheme() -> None:
     """A MONGODB_URI without a mongodb:// scheme is rejected before any lookup."""
-    env = {**os.environ, "MONGODB_URI": "notauri", "CHAT_JWT_SECRET": "s" * 40}
-    result = subprocess.run(
-        [CLI, "token", "--task", "t", "--user", "u", "--role", "operator"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    result = _token_with(MONGODB_URI="notauri")
 
     assert result.returncode == 2
     assert "MONGODB_URI='notauri' is invalid" in result.stderr
