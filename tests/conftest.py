@@ -24,6 +24,9 @@ import pymongo
 import pytest
 import socketio
 import uvicorn
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from service.app import GatewayApp, create_app
 from service.auth import issue_token
@@ -55,6 +58,16 @@ def mongo(secantus: EmbeddedMongo) -> Iterator[pymongo.MongoClient[dict[str, Any
     )
     yield client
     client.close()
+
+
+@pytest.fixture
+def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    """A tracer provider that keeps finished spans in memory, and its exporter."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider, exporter
+    provider.shutdown()
 
 
 @pytest.fixture
@@ -296,7 +309,7 @@ class GatewayProcess:
 
 
 def wait_ready(url: str, timeout: float = 60, process: Any = None) -> None:
-    """Wait until ``url``/readyz answers 200."""
+    """Wait until ``url``/readyz returns 200."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:

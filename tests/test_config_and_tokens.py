@@ -98,7 +98,7 @@ def test_token_command_mints_verifiable_token(tmp_path: Path) -> None:
 
 
 def test_token_command_without_secret(tmp_path: Path) -> None:
-    """With no secret anywhere, `token` says how to get one."""
+    """With no secret anywhere, `token` explains how to get one."""
     env = {k: v for k, v in os.environ.items() if k != "CHAT_JWT_SECRET"}
     result = subprocess.run(
         [CLI, "token", "--task", "t", "--user", "u", "--role", "operator",

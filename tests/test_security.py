@@ -23,8 +23,6 @@ import pydantic
 import pytest
 import socketio
 import websockets
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from service.auth import issue_token
@@ -556,15 +554,6 @@ async def test_secrets_absent_from_logs(spawn_gateway: Any) -> None:
     for name, value in secrets.items():
         assert value not in log, f"the {name} is in the log"
         assert value not in answers, f"the {name} is in a response"
-
-
-@pytest.fixture
-def spans() -> Any:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider, exporter
-    provider.shutdown()
 
 
 def span_values(exporter: InMemorySpanExporter) -> list[str]:

@@ -6,17 +6,14 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
-import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,15 +22,6 @@ from service.logs import JsonFormatter
 from tests.conftest import RunningGateway, eventually, http
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-
-
-@pytest.fixture
-def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider, exporter
-    provider.shutdown()
 
 
 def _by_name(finished: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
@@ -211,7 +199,7 @@ async def test_exemplars_in_openmetrics(
     connect: Any,
     spans: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:
-    """Latency histograms carry trace-id exemplars when the scraper asks for OpenMetrics."""
+    """Latency histograms carry trace-id exemplars when the scraper accepts OpenMetrics."""
     provider, exporter = spans
     gateway = gateway_factory(tracer_provider=provider, indexing_enabled=False)
     client = await connect(gateway, gateway.token("t1", "olga"))
@@ -246,7 +234,7 @@ async def test_exemplars_in_openmetrics(
 
 
 async def test_loop_lag_catches_200ms_block(gateway: RunningGateway) -> None:
-    """A callback that holds the event loop for 200 ms shows in the lag histogram."""
+    """A callback that blocks the event loop for 200 ms shows in the lag histogram."""
 
     async def block() -> None:
         time.sleep(0.2)  # deliberately blocks the gateway's loop
