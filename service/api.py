@@ -209,7 +209,7 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 def metrics_response(gateway: Gateway, accept: str | None) -> Response:
-    """Render the metrics; OpenMetrics (with exemplars) when the scraper asks for it."""
+    """Render the metrics, in OpenMetrics (with exemplars) when the scraper accepts it."""
     encoder, content_type = choose_encoder(accept or "")
     started = time.perf_counter()
     body = encoder(gateway.metrics.exposition_registry())

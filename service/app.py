@@ -241,7 +241,7 @@ class Gateway:
     def install_signal_handlers(self) -> None:
         """Drain on SIGTERM or SIGINT before uvicorn closes any socket.
 
-        uvicorn closes every websocket as soon as it sees the signal, which would
+        uvicorn closes every websocket as soon as it receives the signal, which would
         drop the acks of messages still being written. This handler runs first:
         it rejects new messages with ``overloaded``, waits up to
         ``CHAT_DRAIN_TIMEOUT_SECONDS`` for the writer to empty, and then hands the
@@ -293,7 +293,7 @@ class Gateway:
         """Wait until every handled message's ack has left its socket's queue.
 
         A resolved write still has to pass the fan-out, the ack packet and
-        Engine.IO's per-socket send queue; closing the websockets before that
+        Engine.IO's per-socket send queue. Closing the websockets before that
         would drop acks of stored messages. The state must hold on two polls
         in a row, because an ack is briefly in none of those places.
         """

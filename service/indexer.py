@@ -106,7 +106,7 @@ class Indexer:
         self._tasks = []
 
     def offer(self, item: IndexItem) -> bool:
-        """Queue a message unless the queue is full; never blocks or raises."""
+        """Queue a message unless the queue is full, without blocking or raising."""
         if item.message_id in self._pending:
             return True
         if len(self._queue) >= self._settings.index_queue_max:

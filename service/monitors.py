@@ -53,8 +53,8 @@ class Monitors:
     async def _probe_lag(self) -> None:
         """Sleep 20 ms at a time and record how late each wake-up is.
 
-        A callback that holds the loop for 200 ms makes one wake-up 180 to 200 ms
-        late, which the histogram records; the once-a-second log line reports the
+        A callback that blocks the loop for 200 ms makes one wake-up 180 to 200 ms
+        late, which the histogram records. The once-a-second log line reports the
         worst wake-up of that second.
         """
         worst = 0.0

@@ -67,8 +67,8 @@ def _serve_one(settings: Settings) -> None:
 
     # Bind before the app starts, so a port in use fails at once and clearly.
     listener = _bind(settings)
-    # uvicorn re-raises the stopping signal once it has shut down; exiting
-    # with 0 then tells process managers that the shutdown was clean.
+    # uvicorn re-raises the stopping signal once it has shut down. Exiting
+    # with 0 then shows process managers that the shutdown was clean.
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, _exit_cleanly)
     config = _uvicorn_config(create_app(settings), settings)

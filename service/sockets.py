@@ -102,7 +102,7 @@ class SocketGateway:
         """Return how many of this process's sockets are in ``room``."""
         return self._per_room[room]
 
-    def _refuse(
+    def _reject(
         self, code: str, message: str, **fields: Any
     ) -> socketio.exceptions.ConnectionRefusedError:
         self._metrics.connections.labels(outcome="rejected").inc()
@@ -125,17 +125,17 @@ class SocketGateway:
                 self._secret, token, leeway=self._settings.token_leeway_seconds
             )
         except ChatError as error:
-            raise self._refuse(error.code, error.message, sid=sid) from None
+            raise self._reject(error.code, error.message, sid=sid) from None
 
         if len(self._sockets) >= self._settings.max_sockets:
-            raise self._refuse(
+            raise self._reject(
                 "overloaded",
                 f"the gateway holds its maximum of {self._settings.max_sockets} sockets: "
                 "retry later or connect to another instance",
                 sid=sid,
             )
         if self._per_user[principal.user] >= self._settings.max_sockets_per_user:
-            raise self._refuse(
+            raise self._reject(
                 "rate_limited",
                 f"user {principal.user!r} already has {self._settings.max_sockets_per_user} "
                 "sockets open: close one first",

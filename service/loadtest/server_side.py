@@ -1,4 +1,4 @@
-"""What the server did during a step: its /metrics and its processes' CPU.
+"""Server-side figures of a step: its /metrics and its processes' CPU.
 
 ``scrape()`` reads the gateway's Prometheus exposition before and after a
 step. ``summarize()`` turns the difference into per-step figures: CPU time per
