@@ -27,7 +27,7 @@ point, for the direct comparison.
 
 Target: telemetry costs at most 10% of throughput.
 
-Run: ``python -m benchmarks.telemetry`` (about 3 minutes), or ``--quick``.
+Run: ``python -m benchmarks.telemetry`` (about 5 minutes), or ``--quick``.
 """
 
 from __future__ import annotations
@@ -175,6 +175,7 @@ def _fixed_load(
             for run, off in zip(rounds[name], rounds["off"], strict=True)
         ]
         figures["cpu_ratio_to_off"] = round(statistics.median(paired), 3)
+        figures["cpu_ratio_by_round"] = [round(ratio, 3) for ratio in paired]
         # With the gateway process as the limit, throughput is inversely
         # proportional to its CPU time per message.
         figures["throughput_ratio_to_off"] = round(1 / statistics.median(paired), 3)
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--tasks", type=int, default=125, help="tasks (2 sockets each)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
-    parser.add_argument("--rounds", type=int, default=3, help="runs per configuration")
+    parser.add_argument("--rounds", type=int, default=5, help="runs per configuration")
     parser.add_argument("--processes", type=int, help="generator processes")
     parser.add_argument(
         "--ramp",
@@ -268,7 +269,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{name:8} gateway CPU {figures['gateway_cpu_ms_per_message']} ms/msg "
             f"(x{figures['cpu_ratio_to_off']} of off, so throughput "
             f"x{figures['throughput_ratio_to_off']}), ack p50/p95 "
-            f"{figures['ack_p50_ms']}/{figures['ack_p95_ms']} ms"
+            f"{figures['ack_p50_ms']}/{figures['ack_p95_ms']} ms; rounds "
+            + ", ".join(f"x{ratio}" for ratio in figures["cpu_ratio_by_round"])
         )
     for name, figures in results.get("ramps", {}).items():
         print(

@@ -37,9 +37,19 @@ _STANDARD_ATTRS = frozenset(
 _SECRET_HINTS = ("token", "secret", "password", "api_key", "authorization")
 
 
+_last_second: list[Any] = [None, ""]  # [whole second, its ISO 8601 text]
+
+
 def _timestamp(created: float) -> str:
-    moment = datetime.fromtimestamp(created, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    # Several lines a second share the date and time; only milliseconds change.
+    second = int(created)
+    micros = round((created - second) * 1e6)  # rounded as datetime rounds it
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    if second != _last_second[0]:
+        text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second[:] = [second, text]
+    return f"{_last_second[1]}.{micros // 1000:03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -74,6 +84,14 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str = "INFO") -> None:
     """Send every log record to stdout as JSON at ``level`` and above."""
+    # The lines never show the caller, thread or process, so the records need
+    # not look them up (the "Optimization" section of the logging HOWTO); the
+    # caller lookup alone walks the stack of every record.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bson import ObjectId
+from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -42,6 +43,8 @@ logger = logging.getLogger("chat.messages")
 _ALLOWED_KEYS = frozenset({"client_msg_id", "text", "traceparent"})
 
 Fanout = Callable[[str, dict[str, Any]], Awaitable[int]]
+_MESSAGE_SPAN = "send_message " + ROOM_TEMPLATE
+_EMIT_SPAN = "emit " + ROOM_TEMPLATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,49 +164,65 @@ class MessageService:
         """Run the pipeline for one payload and return the ack to send."""
         received = time.perf_counter()
         self.in_flight += 1
-        span: Span | None = None
-        if self._tracing.enabled:
-            traceparent = (
-                payload.get("traceparent") if isinstance(payload, dict) else None
-            )
-            context = extract_context(traceparent) or parent
-            span = self._tracing.tracer.start_span(
-                "send_message " + ROOM_TEMPLATE,
-                context=context,
-                kind=SpanKind.CONSUMER,
-                attributes={
-                    "messaging.system": "socketio",
-                    "messaging.operation.type": "process",
-                    "messaging.operation.name": "send_message",
-                    "messaging.destination.name": principal.room,
-                    "messaging.destination.template": ROOM_TEMPLATE,
-                    "messaging.client.id": client_id or "",
-                    "enduser.id": principal.user,
-                    "chat.role": principal.role,
-                },
-            )
+        span = self._start_span(principal, payload, parent, client_id)
+        trace_id = token = None
+        if span is not None:
+            trace_id = trace_id_of(span.get_span_context())
+            # The span is current while the message is handled, so that log
+            # lines carry its ids; attached by hand, as trace.use_span costs a
+            # generator per message.
+            token = context_api.attach(trace.set_span_in_context(span))
         try:
-            if span is None:
-                ack = await self._process(principal, payload, socket_bucket, None)
-            else:
-                with trace.use_span(span, end_on_exit=False):
-                    ack = await self._process(principal, payload, socket_bucket, span)
+            ack = await self._process(principal, payload, socket_bucket, span, trace_id)
         except ChatError as error:
             self._metrics.messages.labels(outcome="rejected", code=error.code).inc()
             if span is not None:
                 span.set_status(Status(StatusCode.ERROR, error.code))
                 span.set_attribute("error.type", error.code)
             ack = error.to_ack()
+        except BaseException as exc:  # recorded as trace.use_span records it
+            if span is not None and span.is_recording():
+                span.record_exception(exc)
+                span.set_status(
+                    Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+                )
+            raise
         finally:
             self.in_flight -= 1
             elapsed = time.perf_counter() - received
-            exemplar = None
+            if token is not None:
+                context_api.detach(token)
             if span is not None:
-                trace_id = trace_id_of(span.get_span_context())
-                exemplar = {"trace_id": trace_id} if trace_id else None
                 span.end()
+        exemplar = {"trace_id": trace_id} if trace_id else None
         self._metrics.ack_duration.observe(elapsed, exemplar=exemplar)
         return ack
+
+    def _start_span(
+        self,
+        principal: Principal,
+        payload: object,
+        parent: Context | None,
+        client_id: str | None,
+    ) -> Span | None:
+        if not self._tracing.enabled:
+            return None
+        traceparent = payload.get("traceparent") if isinstance(payload, dict) else None
+        return self._tracing.tracer.start_span(
+            _MESSAGE_SPAN,
+            context=extract_context(traceparent) or parent,
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "socketio",
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "send_message",
+                "messaging.destination.name": principal.room,
+                "messaging.destination.template": ROOM_TEMPLATE,
+                "messaging.client.id": client_id or "",
+                "enduser.id": principal.user,
+                "chat.role": principal.role,
+            },
+        )
 
     async def _process(
         self,
@@ -211,6 +230,7 @@ class MessageService:
         payload: object,
         socket_bucket: TokenBucket | None,
         span: Span | None,
+        trace_id: str | None,
     ) -> dict[str, Any]:
         incoming = validate_payload(payload, self._settings)
         if span is not None:
@@ -250,9 +270,7 @@ class MessageService:
         if span is not None:
             span.set_attribute("messaging.message.id", view["id"])
             span.set_attribute("chat.batch.id", result.batch_id)
-            span.set_attribute(
-                "chat.batch.wait_seconds", round(result.queued_seconds, 6)
-            )
+            span.set_attribute("chat.batch.wait_seconds", result.queued_seconds)
             span.set_attribute("chat.duplicate", result.duplicate)
         ack = {"ok": True, "id": view["id"], "created_at": view["created_at"]}
         if result.duplicate:
@@ -262,7 +280,7 @@ class MessageService:
 
         self._accepted.inc()
         self.accepted_count += 1
-        await self._emit(principal, view, span)
+        await self._emit(principal, view, span, trace_id)
         self._hand_off(result.doc, span)
         return ack
 
@@ -279,20 +297,23 @@ class MessageService:
                 )
 
     async def _emit(
-        self, principal: Principal, view: dict[str, Any], span: Span | None
+        self,
+        principal: Principal,
+        view: dict[str, Any],
+        span: Span | None,
+        trace_id: str | None,
     ) -> None:
         started = time.perf_counter()
         child = None
         if span is not None:
             child = self._tracing.tracer.start_span(
-                "emit " + ROOM_TEMPLATE,
+                _EMIT_SPAN,
                 kind=SpanKind.PRODUCER,
                 attributes={
                     "messaging.system": "socketio",
                     "messaging.operation.type": "send",
                     "messaging.operation.name": "emit",
                     "messaging.destination.name": principal.room,
-                    "messaging.destination.template": ROOM_TEMPLATE,
                     "messaging.message.id": view["id"],
                 },
             )
@@ -314,12 +335,11 @@ class MessageService:
                 child.record_exception(exc)
                 child.set_status(Status(StatusCode.ERROR, type(exc).__name__))
         elapsed = time.perf_counter() - started
-        exemplar = None
         if child is not None:
             child.set_attribute("chat.fanout.sockets", sockets)
-            trace_id = trace_id_of(child.get_span_context())
-            exemplar = {"trace_id": trace_id} if trace_id else None
             child.end()
+        # The emit span shares the message span's trace, and so its trace id.
+        exemplar = {"trace_id": trace_id} if trace_id else None
         self._metrics.fanout_duration.observe(elapsed, exemplar=exemplar)
 
     def _hand_off(self, doc: dict[str, Any], span: Span | None) -> None:

@@ -30,26 +30,34 @@ they stay few)::
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from service import __version__
+from service.spans import LeanTracer
 
 __all__ = [
     "ROOM_TEMPLATE",
+    "GatewayTracerProvider",
     "Tracing",
     "create_tracer_provider",
     "extract_context",
     "trace_id_of",
 ]
+
+logger = logging.getLogger("chat.tracing")
 
 ROOM_TEMPLATE = "task:{task_id}"
 _propagator = TraceContextTextMapPropagator()
@@ -67,24 +75,19 @@ def _endpoint_configured(environ: Mapping[str, str]) -> bool:
     )
 
 
-def _otlp_exporter(environ: Mapping[str, str]) -> SpanExporter:
+def _otlp_exporter(environ: Mapping[str, str]) -> Any:
     protocol = (
         environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         or "http/protobuf"
     ).strip()
+    # Imported here: an exporter loads an HTTP or gRPC client stack.
+    from service.otlp import HttpSpanExporter, grpc_span_exporter
+
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcExporter,
-        )
-
-        return GrpcExporter()
+        return grpc_span_exporter()
     if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HttpExporter,
-        )
-
-        return HttpExporter()
+        return HttpSpanExporter()
     raise ValueError(
         f"OTEL_EXPORTER_OTLP_PROTOCOL must be 'grpc' or 'http/protobuf', not {protocol!r}"
     )
@@ -102,19 +105,77 @@ def create_tracer_provider(
     has_name = "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
     if not environ.get("OTEL_SERVICE_NAME") and not has_name:
         attributes["service.name"] = "chat-gateway"
-    provider = TracerProvider(resource=Resource.create(attributes))
-    provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(environ)))
-    return provider
+    return GatewayTracerProvider(Resource.create(attributes), _otlp_exporter(environ))
+
+
+def _bsp_setting(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        value = -1
+    if value <= 0:
+        logger.warning("%s=%r is not a positive integer: using %d", name, raw, default)
+        return default
+    return value
+
+
+class GatewayTracerProvider(TracerProvider):
+    """The SDK provider, plus a ``SpanQueue`` for the gateway's own spans.
+
+    Spans of other instrumentations (the HTTP routes) take the SDK's batch
+    span processor; both reach the same OTLP exporter.
+    """
+
+    def __init__(
+        self,
+        resource: Resource,
+        exporter: Any,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        from service.otlp import SpanQueue  # with the exporter's HTTP stack
+
+        super().__init__(resource=resource)
+        environ = os.environ if environ is None else environ
+        self.add_span_processor(BatchSpanProcessor(exporter))
+        self.span_queue = SpanQueue(
+            exporter.send_encoded,
+            resource,
+            InstrumentationScope("chat-gateway", __version__),
+            max_queue_size=_bsp_setting(environ, "OTEL_BSP_MAX_QUEUE_SIZE", 2048),
+            batch_size=_bsp_setting(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
+            delay_seconds=_bsp_setting(environ, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000,
+        )
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        flushed = self.span_queue.force_flush(timeout_millis / 1000)
+        return super().force_flush(timeout_millis) and flushed
+
+    def shutdown(self) -> None:
+        self.span_queue.shutdown()
+        super().shutdown()
 
 
 class Tracing:
-    """The tracer the gateway uses, or none at all when tracing is off."""
+    """The tracer the gateway uses, or none at all when tracing is off.
+
+    With an SDK provider, the gateway's own spans are ``LeanSpan`` objects
+    sampled by that provider's sampler. They end in its span processors, or,
+    with a ``GatewayTracerProvider``, in its span queue. Any other provider is
+    used as it is.
+    """
 
     def __init__(self, provider: trace.TracerProvider | None) -> None:
         self.provider = provider
         self.enabled = provider is not None
         source = provider if provider is not None else trace.NoOpTracerProvider()
-        self.tracer = source.get_tracer("chat-gateway", __version__)
+        tracer = source.get_tracer("chat-gateway", __version__)
+        queue = getattr(provider, "span_queue", None)
+        self.tracer: trace.Tracer = (
+            LeanTracer(tracer, "chat-gateway", __version__, queue=queue)
+            if isinstance(tracer, SdkTracer)
+            else tracer
+        )
 
     def shutdown(self) -> None:
         shutdown = getattr(self.provider, "shutdown", None)

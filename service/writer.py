@@ -226,7 +226,6 @@ class BatchWriter:
         links = [Link(p.span_context) for p in batch if p.span_context is not None]
         attributes: dict[str, Any] = {
             "db.system.name": "mongodb",
-            "db.system": "mongodb",
             "db.namespace": self._store.database_name,
             "db.collection.name": "messages",
             "db.operation.name": "insert",

@@ -6,10 +6,12 @@ import asyncio
 import json
 import threading
 import time
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
+import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
@@ -18,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.embedded import free_port
-from service.logs import JsonFormatter
+from service.logs import JsonFormatter, _timestamp
 from tests.conftest import RunningGateway, eventually, http
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -363,7 +365,7 @@ async def test_otlp_export_reaches_receiver(spawn_gateway: Any) -> None:
     finally:
         receiver.shutdown()
 
-    names: set[str] = set()
+    exported: dict[str, Any] = {}
     services: set[str] = set()
     for body in _Receiver.received:
         request = ExportTraceServiceRequest.FromString(body)
@@ -372,10 +374,25 @@ async def test_otlp_export_reaches_receiver(spawn_gateway: Any) -> None:
                 if attribute.key == "service.name":
                     services.add(attribute.value.string_value)
             for scope in resource_spans.scope_spans:
-                names.update(span.name for span in scope.spans)
+                exported.update((span.name, span) for span in scope.spans)
     assert services == {"chat-gateway-test"}
-    assert {
-        "send_message task:{task_id}",
-        "insert messages",
-        "emit task:{task_id}",
-    } <= names
+    message = exported["send_message task:{task_id}"]
+    insert = exported["insert messages"]
+    (route,) = [
+        span for span in exported.values() if span.kind == span.SPAN_KIND_SERVER
+    ]
+    assert exported["emit task:{task_id}"].parent_span_id == message.span_id
+    assert [link.span_id for link in insert.links] == [message.span_id]
+    # The gateway's spans and the HTTP route's (an SDK span) share one trace.
+    assert message.trace_id == route.trace_id
+    assert message.parent_span_id == route.span_id
+
+
+@pytest.mark.parametrize(
+    "created",
+    [0.5, 1733333333.0, 1733333333.123, 1733333333.9994999, 1733333333.9999996],
+)
+def test_log_timestamps_match_datetime(created: float) -> None:
+    """The cached-second timestamp is what datetime's ISO format gives."""
+    expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+    assert _timestamp(created) == expected.replace("+00:00", "Z")

@@ -1,0 +1,406 @@
+"""The OTLP encoder writes what the official encoder writes, and the exporters deliver it."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import (
+    encode_spans as official_encode,
+)
+from opentelemetry.exporter.otlp.proto.http import Compression
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from service import __version__
+from service.embedded import free_port
+from service.otlp import HttpSpanExporter, SpanQueue, encode_spans, grpc_span_exporter
+from service.spans import LeanTracer
+from service.tracing import Tracing, create_tracer_provider, extract_context
+from tests.test_spans import _story
+
+REMOTE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+VALUES: dict[str, Any] = {
+    "text": "héllo, 世界",
+    "empty": "",
+    "long": "x" * 20_000,  # a length that needs a three-byte varint
+    "yes": True,
+    "no": False,
+    "zero": 0,
+    "negative": -42,
+    "large": 2**62,
+    "float": -1.5,
+    "float.zero": 0.0,
+    "strings": ("a", "b"),
+    "bools": (True, False),
+    "ints": (1, -2, 3),
+    "floats": (0.5, 2.0),
+    "none.inside": ("a", None),
+    "empty.list": (),
+}
+
+
+def _finished(lean: bool, provider: TracerProvider) -> tuple[ReadableSpan, ...]:
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = (
+        Tracing(provider).tracer
+        if lean
+        else provider.get_tracer("chat-gateway", "1.2.3", schema_url="https://x/1")
+    )
+    with tracer.start_as_current_span(
+        "send_message task:{task_id}",
+        context=extract_context(REMOTE),
+        kind=SpanKind.CONSUMER,
+        attributes=VALUES,
+    ) as span:
+        span.add_event("queued", {"depth": 3, "where": "writer"})
+        span.add_event("bare")
+        span.record_exception(RuntimeError("boom"))
+        child = tracer.start_span("emit task:{task_id}", kind=SpanKind.PRODUCER)
+        child.set_status(Status(StatusCode.ERROR, "emit failed: 0 sockets"))
+        child.end()
+    for kind in SpanKind:
+        linked = tracer.start_span(
+            f"kind {kind.name}",
+            kind=kind,
+            links=[
+                Link(span.get_span_context(), {"chat.batch.position": 1}),
+                Link(child.get_span_context()),
+            ],
+        )
+        linked.set_status(StatusCode.OK)
+        linked.end()
+    return exporter.get_finished_spans()
+
+
+@pytest.fixture(params=["lean spans", "SDK spans"])
+def spans(request: pytest.FixtureRequest) -> Iterator[list[ReadableSpan]]:
+    """Spans of two resources (and so two scopes), made by either tracer."""
+    lean = request.param == "lean spans"
+    first = TracerProvider(
+        resource=Resource({"service.name": "chat-gateway", "n": 1}, "https://r/1")
+    )
+    second = TracerProvider(
+        resource=Resource({"service.name": "other"}),
+        span_limits=SpanLimits(max_span_attributes=3, max_events=1, max_links=1),
+    )
+    yield [*_finished(lean, first), *_finished(lean, second)]
+    first.shutdown()
+    second.shutdown()
+
+
+def test_encoding_matches_the_official_encoder(spans: list[ReadableSpan]) -> None:
+    """Every field, value type, kind, event, link, status, limit and resource."""
+    ours = ExportTraceServiceRequest.FromString(encode_spans(spans))
+    official = official_encode(spans)
+
+    assert ours == official
+    assert len(ours.resource_spans) == 2
+    assert sum(len(s.spans) for r in ours.resource_spans for s in r.scope_spans) == 14
+    (limited,) = [
+        span
+        for span in ours.resource_spans[1].scope_spans[0].spans
+        if span.name.startswith("send_message")
+    ]
+    assert limited.dropped_attributes_count == len(VALUES) - 3
+    assert (limited.dropped_events_count, len(limited.events)) == (2, 1)
+
+
+def test_repeated_encoding_is_identical(spans: list[ReadableSpan]) -> None:
+    """The cache of encoded attributes changes nothing in the output."""
+    assert encode_spans(spans) == encode_spans(spans)
+    assert encode_spans(spans[:3]) + b"" == encode_spans(spans[:3])
+
+
+def test_an_unencodable_value_is_skipped_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A lone surrogate cannot be UTF-8: that attribute goes, the span stays."""
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    span = Tracing(provider).tracer.start_span(
+        "x", attributes={"bad": "\ud800", "ok": 1}
+    )
+    span.end()
+
+    with caplog.at_level(logging.ERROR, logger="chat.otlp"):
+        request = ExportTraceServiceRequest.FromString(
+            encode_spans(exporter.get_finished_spans())
+        )
+    (encoded,) = request.resource_spans[0].scope_spans[0].spans
+    assert [kv.key for kv in encoded.attributes] == ["ok"]
+    assert "bad" in caplog.text
+
+
+class _Collector(BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver: keeps each request body, answers an empty response."""
+
+    bodies: list[bytes] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        _Collector.bodies.append(body)
+        reply = ExportTraceServiceResponse().SerializeToString()
+        self.send_response(200 if self.path == "/v1/traces" else 404)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("compression", [Compression.NoCompression, Compression.Gzip])
+def test_http_exporter_delivers(
+    spans: list[ReadableSpan], compression: Compression
+) -> None:
+    """The OTLP/HTTP exporter posts the request to /v1/traces, gzipped if asked."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Collector.bodies = []
+    exporter = HttpSpanExporter(
+        endpoint=f"http://127.0.0.1:{server.server_port}/v1/traces",
+        compression=compression,
+    )
+    try:
+        assert exporter.export(spans) is SpanExportResult.SUCCESS
+    finally:
+        exporter.shutdown()
+        server.shutdown()
+        server.server_close()
+
+    (body,) = _Collector.bodies
+    assert ExportTraceServiceRequest.FromString(body) == official_encode(spans)
+
+
+class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self) -> None:
+        self.requests: list[ExportTraceServiceRequest] = []
+
+    def Export(
+        self, request: ExportTraceServiceRequest, context: Any
+    ) -> ExportTraceServiceResponse:
+        self.requests.append(request)
+        return ExportTraceServiceResponse()
+
+
+@pytest.fixture
+def grpc_collector() -> Iterator[tuple[_TraceService, int]]:
+    """An OTLP/gRPC trace service on a free 127.0.0.1 port."""
+    service = _TraceService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(service, server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    yield service, port
+    server.stop(grace=None)
+
+
+def test_grpc_exporter_delivers(
+    spans: list[ReadableSpan],
+    grpc_collector: tuple[_TraceService, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The OTLP/gRPC exporter, configured by OTEL_* variables, reaches a gRPC server."""
+    service, port = grpc_collector
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "true")
+    exporter = grpc_span_exporter()
+    try:
+        assert exporter.export(spans) is SpanExportResult.SUCCESS
+    finally:
+        exporter.shutdown()
+
+    assert service.requests == [official_encode(spans)]
+
+
+def test_gateway_provider_sends_its_spans_over_grpc(
+    grpc_collector: tuple[_TraceService, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider the gateway builds from OTEL_* variables, queue included."""
+    service, port = grpc_collector
+    for name, value in {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    provider = create_tracer_provider()
+    assert provider is not None
+    tracing = Tracing(provider)
+    _story(tracing.tracer)
+    assert provider.force_flush()
+    tracing.shutdown()
+
+    names = [
+        span.name
+        for request in service.requests
+        for resource in request.resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+    ]
+    assert sorted(names) == [
+        "emit task:{task_id}",
+        "insert messages",
+        "send_message renamed",
+    ]
+
+
+class _Sent:
+    """What a SpanQueue sends: the request bodies, answered as landed or not."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.bodies: list[bytes] = []
+        self.fail_first = fail_first
+
+    def __call__(self, body: bytes) -> bool:
+        if self.fail_first:
+            self.fail_first -= 1
+            raise ConnectionError("collector down")
+        self.bodies.append(body)
+        return True
+
+    def spans(self) -> list[Any]:
+        return [
+            span
+            for body in self.bodies
+            for resource in ExportTraceServiceRequest.FromString(body).resource_spans
+            for scope in resource.scope_spans
+            for span in scope.spans
+        ]
+
+
+def _without_ids(request: ExportTraceServiceRequest) -> ExportTraceServiceRequest:
+    for resource in request.resource_spans:
+        for scope in resource.scope_spans:
+            for span in scope.spans:
+                span.trace_id = span.span_id = span.parent_span_id = b""
+                span.start_time_unix_nano = span.end_time_unix_nano = 0
+                for event in span.events:
+                    event.time_unix_nano = 0
+                    for kv in event.attributes:
+                        if kv.key == "exception.stacktrace":
+                            kv.value.string_value = ""
+                for link in span.links:
+                    link.trace_id = link.span_id = b""
+    return request
+
+
+def test_queued_spans_encode_as_processed_spans() -> None:
+    """A span sent through the queue is the span the SDK processors would export."""
+    resource = Resource({"service.name": "chat-gateway"})
+    processed = TracerProvider(resource=resource)
+    queued = TracerProvider(resource=resource)
+    sent = _Sent()
+    queue = SpanQueue(sent, resource, InstrumentationScope("chat-gateway", __version__))
+    exporter = InMemorySpanExporter()
+    processed.add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        _story(Tracing(processed).tracer)
+        expected = exporter.get_finished_spans()
+        tracer = LeanTracer(
+            queued.get_tracer("chat-gateway", __version__),
+            "chat-gateway",
+            __version__,
+            queue=queue,
+        )
+        _story(tracer)
+        assert queue.force_flush(10)
+    finally:
+        queue.shutdown()
+        processed.shutdown()
+        queued.shutdown()
+
+    (body,) = sent.bodies
+    ours = _without_ids(ExportTraceServiceRequest.FromString(body))
+    assert ours == _without_ids(official_encode(expected))
+
+
+def test_queue_drops_beyond_its_size_and_counts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While a send is under way, the queue holds its size and drops the rest."""
+    sent = _Sent()
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_send(body: bytes) -> bool:
+        entered.set()
+        release.wait(10)
+        return sent(body)
+
+    queue = SpanQueue(
+        slow_send,
+        Resource({}),
+        InstrumentationScope("chat-gateway"),
+        max_queue_size=3,
+        delay_seconds=60,
+    )
+    provider = TracerProvider()
+    tracer = LeanTracer(provider.get_tracer("t"), "chat-gateway", "1", queue=queue)
+    with caplog.at_level(logging.WARNING, logger="chat.otlp"):
+        for number in range(3):  # a full batch wakes the sending thread
+            tracer.start_span(f"span {number}").end()
+        assert entered.wait(10)
+        for number in range(3, 8):
+            tracer.start_span(f"span {number}").end()
+        release.set()
+        queue.shutdown()
+
+    assert queue.dropped == 2
+    assert [span.name for span in sent.spans()] == [f"span {n}" for n in range(6)]
+    assert "span queue full (3 spans)" in caplog.text
+
+
+def test_queue_survives_a_failed_export(caplog: pytest.LogCaptureFixture) -> None:
+    """An export that raises is logged; the next batch still goes out."""
+    sent = _Sent(fail_first=1)
+    queue = SpanQueue(
+        sent, Resource({}), InstrumentationScope("chat-gateway"), batch_size=1
+    )
+    provider = TracerProvider()
+    tracer = LeanTracer(provider.get_tracer("t"), "chat-gateway", "1", queue=queue)
+    with caplog.at_level(logging.ERROR, logger="chat.otlp"):
+        tracer.start_span("lost").end()
+        assert queue.force_flush(10)
+        tracer.start_span("kept").end()
+        assert queue.force_flush(10)
+    queue.shutdown()
+
+    assert [span.name for span in sent.spans()] == ["kept"]
+    assert "export of 1 spans failed" in caplog.text
+
+
+def test_unsampled_spans_are_not_queued() -> None:
+    sent = _Sent()
+    queue = SpanQueue(sent, Resource({}), InstrumentationScope("chat-gateway"))
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.0)))
+    tracer = LeanTracer(provider.get_tracer("t"), "chat-gateway", "1", queue=queue)
+    tracer.start_span("root, not sampled").end()
+    tracer.start_span("sampled parent", context=extract_context(REMOTE)).end()
+    queue.shutdown()
+
+    assert [span.name for span in sent.spans()] == ["sampled parent"]

@@ -1,0 +1,237 @@
+"""The gateway's lean spans behave like SDK spans for everything exported."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace import Span as SdkSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from service import __version__
+from service.spans import LeanSpan, LeanTracer
+from service.tracing import Tracing, extract_context
+
+REMOTE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+class _Recorder(SpanProcessor):
+    """Counts the calls a span processor receives."""
+
+    def __init__(self) -> None:
+        self.started: list[Any] = []
+        self.ended: list[ReadableSpan] = []
+
+    def on_start(self, span: Any, parent_context: Context | None = None) -> None:
+        self.started.append(span)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.ended.append(span)
+
+
+@pytest.fixture
+def pipeline() -> Iterator[Callable[..., tuple[trace.Tracer, InMemorySpanExporter]]]:
+    """Build a provider with an in-memory exporter; return its tracer, lean or not."""
+    providers: list[TracerProvider] = []
+
+    def build(lean: bool, **options: Any) -> tuple[trace.Tracer, InMemorySpanExporter]:
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider(**options)
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        providers.append(provider)
+        tracer = provider.get_tracer("chat-gateway", __version__)
+        if lean:
+            return Tracing(provider).tracer, exporter
+        return tracer, exporter
+
+    yield build
+    for provider in providers:
+        provider.shutdown()
+
+
+def _story(tracer: trace.Tracer) -> None:
+    """Use every part of the span API the way the gateway and libraries do."""
+    parent = extract_context(REMOTE)
+    with tracer.start_as_current_span(
+        "send_message task:{task_id}",
+        context=parent,
+        kind=SpanKind.CONSUMER,
+        attributes={"messaging.system": "socketio", "tags": ["a", "b"]},
+    ) as span:
+        span.set_attribute("messaging.message.body.size", 12)
+        span.set_attributes({"chat.duplicate": False, "chat.wait_seconds": 0.25})
+        span.add_event("queued", {"depth": 3})
+        child = tracer.start_span("emit task:{task_id}", kind=SpanKind.PRODUCER)
+        child.set_status(Status(StatusCode.ERROR, "emit_failed"))
+        child.record_exception(ValueError("no sockets"))
+        child.end()
+        span.update_name("send_message renamed")
+    linked = tracer.start_span(
+        "insert messages",
+        kind=SpanKind.CLIENT,
+        links=[Link(span.get_span_context(), {"chat.batch.position": 0})],
+    )
+    linked.set_status(StatusCode.OK)
+    linked.set_status(StatusCode.ERROR, "ignored: OK is final")
+    linked.end()
+
+
+def _view(span: ReadableSpan) -> dict[str, Any]:
+    events = [
+        (event.name, {k: v for k, v in (event.attributes or {}).items()})
+        for event in span.events
+    ]
+    for _, attributes in events:  # the text of a traceback differs by line
+        attributes.pop("exception.stacktrace", None)
+    return {
+        "name": span.name,
+        "kind": span.kind,
+        "parent": span.parent.span_id if span.parent else None,
+        "remote_parent": span.parent.is_remote if span.parent else None,
+        "attributes": dict(span.attributes or {}),
+        "events": events,
+        "links": [dict(link.attributes or {}) for link in span.links],
+        "status": (span.status.status_code, span.status.description),
+        "scope": (span.instrumentation_scope.name, span.instrumentation_scope.version)
+        if span.instrumentation_scope
+        else None,
+        "sampled": span.context.trace_flags.sampled if span.context else None,
+    }
+
+
+def test_tracing_uses_lean_spans_with_an_sdk_provider() -> None:
+    """An SDK provider gets the lean tracer; other providers are used as they are."""
+    assert isinstance(Tracing(TracerProvider()).tracer, LeanTracer)
+    assert not isinstance(Tracing(None).tracer, LeanTracer)
+
+
+def test_same_story_same_spans(pipeline: Callable[..., Any]) -> None:
+    """The same calls give the same exported spans as the SDK, but for ids."""
+    sdk_tracer, sdk_spans = pipeline(lean=False)
+    lean_tracer, lean_spans = pipeline(lean=True)
+    _story(sdk_tracer)
+    _story(lean_tracer)
+
+    expected = [_view(span) for span in sdk_spans.get_finished_spans()]
+    actual = [_view(span) for span in lean_spans.get_finished_spans()]
+    assert len(actual) == 3
+    for want, got in zip(expected, actual, strict=True):
+        want["parent"] = got["parent"] = None if want["parent"] is None else "set"
+        assert got == want
+
+
+def test_child_shares_trace_and_parent_is_the_current_span(
+    pipeline: Callable[..., Any],
+) -> None:
+    tracer, exporter = pipeline(lean=True)
+    with tracer.start_as_current_span("outer") as outer:
+        tracer.start_span("inner").end()
+    inner, finished_outer = exporter.get_finished_spans()
+
+    assert inner.context.trace_id == outer.get_span_context().trace_id
+    assert inner.parent.span_id == outer.get_span_context().span_id
+    assert finished_outer.parent is None
+    assert inner.context.trace_flags.sampled
+
+
+def test_sampler_drops_and_continues_as_configured(
+    pipeline: Callable[..., Any],
+) -> None:
+    """OTEL_TRACES_SAMPLER semantics: off drops; parent-based follows the parent."""
+    off, off_spans = pipeline(lean=True, sampler=ALWAYS_OFF)
+    span = off.start_span("dropped")
+    span.end()
+    assert not span.is_recording()
+    assert off_spans.get_finished_spans() == ()
+
+    ratio_zero = ParentBased(TraceIdRatioBased(0.0))
+    tracer, exporter = pipeline(lean=True, sampler=ratio_zero)
+    tracer.start_span("root, not sampled").end()
+    tracer.start_span(
+        "child of a sampled parent", context=extract_context(REMOTE)
+    ).end()
+    (kept,) = exporter.get_finished_spans()
+    assert kept.name == "child of a sampled parent"
+    assert format(kept.context.trace_id, "032x") == REMOTE[3:35]
+
+
+def test_limits_drop_the_oldest_and_count(pipeline: Callable[..., Any]) -> None:
+    """Attribute, event and link limits hold as in the SDK: the oldest goes."""
+    limits = SpanLimits(
+        max_span_attributes=2,
+        max_events=1,
+        max_links=1,
+        max_span_attribute_length=4,
+    )
+    results = []
+    for lean in (False, True):
+        tracer, exporter = pipeline(lean=lean, span_limits=limits)
+        link = Link(_remote_span_context())
+        span = tracer.start_span(
+            "x", attributes={"a": "abcdefgh", "b": 1, "c": 2}, links=[link, link]
+        )
+        span.set_attribute("d", 3)
+        span.set_attribute("a", "long value")
+        span.add_event("first")
+        span.add_event("second")
+        span.add_link(link.context)
+        span.end()
+        (finished,) = exporter.get_finished_spans()
+        results.append(
+            (
+                list((finished.attributes or {}).items()),
+                [event.name for event in finished.events],
+                len(finished.links),
+                finished.dropped_attributes,
+                finished.dropped_events,
+                finished.dropped_links,
+            )
+        )
+
+    assert results[1] == results[0]
+    assert results[1] == ([("d", 3), ("a", "long")], ["second"], 1, 3, 1, 2)
+
+
+def _remote_span_context() -> trace.SpanContext:
+    return trace.get_current_span(extract_context(REMOTE)).get_span_context()
+
+
+def test_invalid_values_are_dropped(pipeline: Callable[..., Any]) -> None:
+    """Values OpenTelemetry does not allow never reach an exporter."""
+    tracer, exporter = pipeline(lean=True)
+    span = tracer.start_span("x")
+    span.set_attribute("mixed", [1, "two"])
+    span.set_attribute("nested", {"a": 1})  # type: ignore[arg-type]
+    span.set_attribute("object", object())  # type: ignore[arg-type]
+    span.set_attribute("gaps", ["a", None, "c"])
+    span.set_attribute("list", [1, 2])
+    span.end()
+    (finished,) = exporter.get_finished_spans()
+
+    assert dict(finished.attributes or {}) == {"gaps": ("a", None, "c"), "list": (1, 2)}
+
+
+def test_processors_see_start_and_one_end(pipeline: Callable[..., Any]) -> None:
+    """on_start gets the live span; end() twice reaches on_end once."""
+    provider = TracerProvider()
+    recorder = _Recorder()
+    provider.add_span_processor(recorder)
+    tracer = Tracing(provider).tracer
+
+    span = tracer.start_span("x")
+    span.end()
+    span.end()
+    span.set_attribute("late", 1)
+
+    assert recorder.started == [span]
+    assert isinstance(span, LeanSpan)
+    assert not isinstance(span, SdkSpan)
+    assert len(recorder.ended) == 1
+    assert "late" not in (recorder.ended[0].attributes or {})
