@@ -1,7 +1,7 @@
 """Run every benchmark in turn: ``python -m benchmarks [--quick] [NAME ...]``.
 
 Each one writes ``benchmarks/results/<name>.json``; docs/performance.md
-explains the figures. The full set takes about 12 minutes, ``--quick`` about 5.
+explains the figures. The full set takes about 15 minutes, ``--quick`` about 6.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import importlib
 import time
 
 # In the order they run: the cheap, quiet measurements first.
-BENCHMARKS = ("wire", "idle_memory", "throughput", "telemetry")
+BENCHMARKS = ("spans", "wire", "idle_memory", "throughput", "telemetry")
 OPTIONAL = ("profile", "socket_memory", "compare")
 HAVE_QUICK = ("idle_memory", "throughput", "telemetry")
 

@@ -449,9 +449,9 @@ def _freeze_startup_heap() -> None:
     """Keep the collector off the objects made at start-up.
 
     Modules, settings, clients and models live as long as the process. Frozen,
-    they are skipped by every later collection; before, each full collection
-    walked all of them again and held the event loop for 150-250 ms on the
-    reference host. Messages keep objects alive for a while (spans wait for
+    they are skipped by every later collection. Without this, each full
+    collection walked all of them again and held the event loop for 150-250 ms
+    on the reference host. Messages keep objects alive for a while (spans wait for
     their export batch), so full collections came every few thousand messages.
     """
     gc.collect()

@@ -84,9 +84,8 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str = "INFO") -> None:
     """Send every log record to stdout as JSON at ``level`` and above."""
-    # The lines never show the caller, thread or process, so the records need
-    # not look them up (the "Optimization" section of the logging HOWTO); the
-    # caller lookup alone walks the stack of every record.
+    # The lines never show the caller, thread or process, so the records skip
+    # those lookups, as the logging HOWTO's "Optimization" section describes.
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False

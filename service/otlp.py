@@ -4,11 +4,11 @@ The exporters of ``opentelemetry-exporter-otlp`` build one protobuf object per
 span, attribute and value before serializing them. On the gateway's 2-vCPU
 host that cost about 100 µs of CPU per span, more than a quarter of the cost
 of handling a message, so every-message tracing could not stay cheap. This
-module writes the same ``ExportTraceServiceRequest`` bytes directly: fields
-are appended to one list and joined once, and ``key=value`` attributes with
-a string value are kept, encoded, in a small cache (the room template, the
-messaging system and the like repeat in every span). The tests compare its
-output with the official encoder's, field for field.
+module writes the same ``ExportTraceServiceRequest`` bytes directly. Fields
+are appended to one list and joined once. Encoded attributes are kept in a
+small cache, because most of them (the room template, the messaging system)
+repeat in every span. The tests compare the output with the official
+encoder's, field for field.
 
 The two exporters keep everything else of the official ones: the
 ``OTEL_EXPORTER_OTLP_*`` endpoint, headers, timeout, compression, TLS and

@@ -7,12 +7,12 @@ three spans and shares a fourth, so tracing every message cost more than the
 10% of throughput allowed for telemetry.
 
 ``LeanTracer`` starts spans that keep their attributes in a plain dict and
-create nothing they do not use. It is not a second tracing pipeline: it takes
-the sampler, id generator, resource and span processors of an SDK tracer, so
-``OTEL_TRACES_SAMPLER``, ``OTEL_SPAN_*_LIMIT`` and every processor and exporter
-behave as they do for SDK spans, and a finished span reaches the processors as
-an SDK ``ReadableSpan``. Two things of the SDK are left out: its own
-self-metrics, and the experimental "on ending" processor hook.
+create nothing they do not use. It takes the sampler, id generator, resource,
+span limits and span processors of an SDK tracer. So ``OTEL_TRACES_SAMPLER``
+and ``OTEL_SPAN_*_LIMIT`` apply as they do to SDK spans, and a finished span
+reaches the processors as an SDK ``ReadableSpan``, or a ``SpanQueue`` as
+encoded bytes. Two things of the SDK are left out: its own self-metrics, and
+the experimental "on ending" processor hook.
 """
 
 from __future__ import annotations
@@ -226,8 +226,23 @@ class LeanSpan(trace.Span):
         attributes[key] = cleaned
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
-        for key, value in attributes.items():
-            self.set_attribute(key, value)
+        current = self.attributes
+        limits = self.tracer.limits
+        if (
+            self._ended
+            or limits.length is not None
+            or len(current) + len(attributes) > limits.attributes
+            or not _SCALAR_TYPES.issuperset(map(type, attributes.values()))
+        ):
+            for key, value in attributes.items():
+                self.set_attribute(key, value)
+            return
+        # Within the limits and all scalars: one update, keys set again moved
+        # to the end as set_attribute moves them.
+        for key in attributes:
+            if key in current:
+                del current[key]
+        current.update(attributes)
 
     def add_event(
         self,

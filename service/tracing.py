@@ -10,10 +10,17 @@ The SDK reads the rest itself: ``OTEL_SERVICE_NAME`` and
 ``OTEL_EXPORTER_OTLP_PROTOCOL`` (``http/protobuf``, the default, or ``grpc``)
 and the exporter's headers, timeout and compression.
 
-NOTE: tracing every message (``OTEL_TRACES_SAMPLER=always_on``) raised the
-gateway's CPU per message by about half in ``python -m benchmarks.telemetry``;
-10% head sampling by about a fifth. Span creation on the loop and protobuf
-encoding in the exporter thread dominate.
+The gateway's own spans are ``LeanSpan`` objects (``service.spans``): the
+provider's sampler and limits apply, but a span costs about a third of an SDK
+span. With the provider built here, each is encoded to OTLP as it ends
+(``service.otlp``) and sent in batches by a ``SpanQueue``; spans of the HTTP
+routes take the SDK's batch span processor to the same exporter. Any other
+SDK provider (the tests' in-memory one) receives the gateway's spans through
+its own processors.
+
+NOTE: tracing every message still adds 11-22% to the gateway's CPU per
+message on the 2-vCPU reference host (``python -m benchmarks.telemetry``),
+above the 10% target; 10% head sampling adds 1-10%.
 
 Spans of one message (names use the room template, not the task id, so that
 they stay few)::

@@ -131,7 +131,7 @@ def test_repeated_encoding_is_identical(spans: list[ReadableSpan]) -> None:
     assert encode_spans(spans[:3]) + b"" == encode_spans(spans[:3])
 
 
-def test_an_unencodable_value_is_skipped_and_logged(
+def test_unencodable_value_skipped(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A lone surrogate cannot be UTF-8: that attribute goes, the span stays."""
