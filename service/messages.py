@@ -163,8 +163,8 @@ class MessageService:
     ) -> dict[str, Any]:
         """Run the pipeline for one payload and return the ack to send."""
         received = time.perf_counter()
-        self.in_flight += 1
         span = self._start_span(principal, payload, parent, client_id)
+        self.in_flight += 1
         trace_id = token = None
         if span is not None:
             trace_id = trace_id_of(span.get_span_context())
@@ -320,11 +320,10 @@ class MessageService:
                     "messaging.message.id": view["id"],
                 },
             )
+        sockets = 0
         try:
             sockets = await self._fanout(principal.room, view)
-        except (
-            Exception
-        ) as exc:  # the message is stored; a failed emit must not fail the ack
+        except Exception as exc:  # the message is stored: the ack must still go
             logger.warning(
                 "fan-out failed",
                 extra={
@@ -333,14 +332,19 @@ class MessageService:
                     "error": repr(exc),
                 },
             )
-            sockets = 0
             if child is not None:
                 child.record_exception(exc)
                 child.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        except BaseException as exc:  # cancelled: recorded, then passed on
+            if child is not None:
+                child.record_exception(exc, escaped=True)
+                child.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            raise
+        finally:
+            if child is not None:
+                child.set_attribute("chat.fanout.sockets", sockets)
+                child.end()
         elapsed = time.perf_counter() - started
-        if child is not None:
-            child.set_attribute("chat.fanout.sockets", sockets)
-            child.end()
         # The emit span shares the message span's trace, and so its trace id.
         exemplar = {"trace_id": trace_id} if trace_id else None
         self._metrics.fanout_duration.observe(elapsed, exemplar=exemplar)
@@ -359,13 +363,16 @@ class MessageService:
                 },
             )
         context = span.get_span_context() if span is not None else None
-        queued = self._indexer.offer(IndexItem.from_doc(doc, context))
-        if child is not None:
-            # A full queue defers the message to the reconciler; it is not lost.
-            child.set_attribute(
-                "chat.index.outcome", "queued" if queued else "deferred"
-            )
-            child.end()
+        queued = False
+        try:
+            queued = self._indexer.offer(IndexItem.from_doc(doc, context))
+        finally:
+            if child is not None:
+                # A full queue defers the message to the reconciler: not lost.
+                child.set_attribute(
+                    "chat.index.outcome", "queued" if queued else "deferred"
+                )
+                child.end()
 
 
 def _now_ms() -> datetime:

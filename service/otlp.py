@@ -10,9 +10,11 @@ small cache, because most of them (the room template, the messaging system)
 repeat in every span. The tests compare the output with the official
 encoder's, field for field.
 
-The two exporters keep everything else of the official ones: the
-``OTEL_EXPORTER_OTLP_*`` endpoint, headers, timeout, compression, TLS and
-retry handling.
+The two exporters keep the rest of the official ones: the
+``OTEL_EXPORTER_OTLP_*`` endpoint, headers, timeout, compression, TLS, retry
+handling and the request size limit. Requests sent by ``SpanQueue`` are not
+counted in the SDK's own exporter metrics (off unless
+``OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED`` is set).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -87,6 +90,13 @@ def _field(tag: bytes, payload: bytes) -> bytes:
     return tag + (_SMALL[size] if size < 16384 else _varint_bytes(size)) + payload
 
 
+def _int64(value: int) -> int:
+    """Return ``value`` as protobuf writes an int64, or raise if it does not fit."""
+    if not -(1 << 63) <= value < 1 << 63:
+        raise ValueError(f"{value} does not fit in an int64 attribute")
+    return value & _UINT64
+
+
 def _any_value(value: Any) -> bytes:
     """Encode an ``AnyValue`` body the way the official encoder does."""
     kind = type(value)
@@ -95,7 +105,7 @@ def _any_value(value: Any) -> bytes:
     if kind is bool:
         return b"\x10\x01" if value else b"\x10\x00"
     if kind is int:
-        return b"\x18" + _varint(value & _UINT64)
+        return b"\x18" + _varint(_int64(value))
     if kind is float:
         return b"\x21" + _pack_double(value)
     if value is None:
@@ -105,7 +115,7 @@ def _any_value(value: Any) -> bytes:
     if isinstance(value, str):
         return _field(b"\x0a", value.encode())
     if isinstance(value, int):
-        return b"\x18" + _varint(int(value) & _UINT64)
+        return b"\x18" + _varint(_int64(int(value)))
     if isinstance(value, float):
         return b"\x21" + _pack_double(value)
     if isinstance(value, bytes):
@@ -123,6 +133,39 @@ def _any_value(value: Any) -> bytes:
         )
         return _field(b"\x32", pairs)
     raise TypeError(f"attribute value of type {kind.__name__} cannot be encoded")
+
+
+class _Grouping:
+    """Groups by equal keys (resources, scopes), in first-seen order.
+
+    A provider's spans share one resource and one scope object, so the key's
+    identity is tried first. Equality, the official encoder's rule, decides
+    only on a miss. A Resource is never hashed, because that serializes it
+    to JSON.
+    """
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, Any] = {}
+        self._keys: list[Any] = []
+        self._groups: list[Any] = []
+
+    def group(self, key: Any, new: Callable[[], Any]) -> Any:
+        group = self._by_id.get(id(key))
+        if group is not None:
+            return group
+        for index, known in enumerate(self._keys):
+            if known == key:
+                group = self._groups[index]
+                break
+        else:
+            group = new()
+            self._keys.append(key)
+            self._groups.append(group)
+        self._by_id[id(key)] = group
+        return group
+
+    def items(self) -> list[tuple[Any, Any]]:
+        return list(zip(self._keys, self._groups, strict=True))
 
 
 class _Encoder:
@@ -207,8 +250,12 @@ class _Encoder:
             parts.append(b"\x50" + _varint(span.dropped_attributes))
         if span.events:
             parts += self._events(span)
+        if span.dropped_events:
+            parts.append(b"\x60" + _varint(span.dropped_events))
         if span.links:
             parts += self._links(span)
+        if span.dropped_links:
+            parts.append(b"\x70" + _varint(span.dropped_links))
         status = span.status
         remote = parent is not None and parent.is_remote
         if status.status_code is StatusCode.UNSET and not status.description:
@@ -237,8 +284,6 @@ class _Encoder:
             if event.dropped_attributes:
                 body += b"\x20" + _varint(event.dropped_attributes)
             parts.append(_field(b"\x5a", body))
-        if span.dropped_events:
-            parts.append(b"\x60" + _varint(span.dropped_events))
         return parts
 
     def _links(self, span: ReadableSpan) -> list[bytes]:
@@ -252,28 +297,19 @@ class _Encoder:
                 body += b"\x28" + _varint(link.dropped_attributes)
             body += b"\x35" + (_FLAGS_REMOTE if linked.is_remote else _FLAGS_LOCAL)
             parts.append(_field(b"\x6a", body))
-        if span.dropped_links:
-            parts.append(b"\x70" + _varint(span.dropped_links))
         return parts
 
     def request(self, spans: Sequence[ReadableSpan]) -> bytes:
-        # Group by object identity: a provider's spans share one resource and
-        # one scope object, and hashing a Resource serializes it to JSON.
-        groups: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
+        resources = _Grouping()
         for span in spans:
-            resource, scope = span.resource, span.instrumentation_scope
-            group = groups.get(id(resource))
-            if group is None:
-                group = groups[id(resource)] = (resource, {})
-            scoped = group[1].get(id(scope))
-            if scoped is None:
-                scoped = group[1][id(scope)] = (scope, [])
-            scoped[1].append(_field(b"\x12", self.span(span)))
+            scopes = resources.group(span.resource, _Grouping)
+            encoded = scopes.group(span.instrumentation_scope or None, list)
+            encoded.append(_field(b"\x12", self.span(span)))
 
         out = []
-        for resource, scopes in groups.values():
+        for resource, scopes in resources.items():
             body = [_field(b"\x0a", self.attributes(b"\x0a", resource.attributes))]
-            for scope, encoded in scopes.values():
+            for scope, encoded in scopes.items():
                 scope_spans = [_field(b"\x0a", self.scope(scope)), *encoded]
                 if scope is not None and scope.schema_url:
                     scope_spans.append(_field(b"\x1a", scope.schema_url.encode()))
@@ -334,6 +370,14 @@ class HttpSpanExporter(_HttpExporter):
     def send_encoded(self, body: bytes) -> bool:
         """Send an encoded ``ExportTraceServiceRequest``; return whether it landed."""
         if self._shutdown:
+            return False
+        limit = getattr(self, "_max_request_size", 0)
+        if 0 < limit < len(body):
+            logger.warning(
+                "span request of %d bytes is over the %d-byte limit: dropped",
+                len(body),
+                limit,
+            )
             return False
         return bool(self._client.export(body).success)
 
@@ -419,11 +463,11 @@ class SpanQueue:
     def add(self, span: Any) -> None:
         """Encode a finished, sampled span and queue it; never raises."""
         spans = self._spans
-        if len(spans) >= self._max_queue_size:
+        if len(spans) >= self._max_queue_size or self._stopping:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 10_000 == 0:
                 logger.warning(
-                    "span queue full (%d spans): %d spans dropped so far",
+                    "span queue full (%d spans) or shut down: %d spans dropped so far",
                     self._max_queue_size,
                     self.dropped,
                 )
@@ -448,11 +492,14 @@ class SpanQueue:
             self._send_waiting()
         self._send_waiting()
 
-    def _send_waiting(self) -> None:
+    def _send_waiting(self, deadline: float | None = None) -> None:
+        """Send the spans waiting now (not those that arrive meanwhile)."""
         with self._sending:  # one batch at a time, in order
             spans = self._spans
-            while spans:
-                count = min(len(spans), self._batch_size)
+            left = len(spans)
+            while left > 0 and (deadline is None or time.monotonic() < deadline):
+                count = min(left, self._batch_size)
+                left -= count
                 batch = [spans.popleft() for _ in range(count)]
                 try:
                     if not self._send(self.request(batch)):
@@ -463,13 +510,12 @@ class SpanQueue:
     def force_flush(self, timeout_seconds: float = 30.0) -> bool:
         """Send what waits now, from the calling thread, as the SDK's processor does.
 
-        Return False if a send under way did not finish within the timeout.
+        Return False if that did not finish within the timeout; a batch whose
+        send has started still runs to the exporter's own timeout.
         """
-        if not self._sending.acquire(timeout=timeout_seconds):
-            return False
-        self._sending.release()
-        self._send_waiting()
-        return True
+        deadline = time.monotonic() + timeout_seconds
+        self._send_waiting(deadline)
+        return not self._spans or time.monotonic() < deadline
 
     def shutdown(self, timeout_seconds: float = 30.0) -> None:
         """Send what waits and stop the thread."""

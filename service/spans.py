@@ -23,10 +23,12 @@ import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as context_api
 from opentelemetry import trace
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits
 from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, DEFAULT_ON, Decision
@@ -66,23 +68,28 @@ _FLAGS = {
 
 
 def _clean(value: Any, max_length: int | None) -> Any:
-    """Return a valid attribute value, or None when ``value`` is not one."""
+    """Return ``value`` cleaned as the SDK cleans an attribute value.
+
+    Plain scalars pass as they are, with strings cut to ``max_length``.
+    Anything else goes through the SDK's own cleaning. It keeps bytes, None,
+    mappings and sequences, and turns other objects into their ``str()``.
+    """
     kind = type(value)
     if kind is str:
         return value if max_length is None else value[:max_length]
-    if kind in _SCALARS:
+    if kind in _SCALAR_TYPES:
         return value
-    if isinstance(value, _SCALARS):  # a subclass, such as an IntEnum
-        return value
-    if isinstance(value, Sequence) and not isinstance(value, bytes):
-        # A sequence holds one scalar type, and None where a value is missing.
-        kinds = {type(item) for item in value if item is not None}
-        if len(kinds) > 1 or not kinds <= set(_SCALARS):
-            return None
-        if max_length is not None and str in kinds:
-            return tuple(v if v is None else v[:max_length] for v in value)
-        return tuple(value)
-    return None
+    cleaned = BoundedAttributes(None, {"value": value}, max_value_len=max_length)
+    return cleaned.get("value")
+
+
+def _valid_key(key: object) -> bool:
+    return isinstance(key, str) and bool(key)
+
+
+def _valid_link(context: SpanContext, attributes: Attributes) -> bool:
+    # As the SDK: an invalid context still links when it carries something.
+    return bool(context and (context.is_valid or attributes or context.trace_state))
 
 
 def _append_bounded(items: list[Any], item: Any, limit: int) -> int:
@@ -143,6 +150,7 @@ class LeanSpan(trace.Span):
         "kind",
         "links",
         "name",
+        "on_exception",
         "parent",
         "start_time",
         "status",
@@ -171,8 +179,10 @@ class LeanSpan(trace.Span):
         self.events: list[Event] | tuple[()] = ()
         self.status = _UNSET
         self.drops: tuple[int, int, int] = (0, 0, 0)  # attributes, events, links
-        self.start_time = start_time or time.time_ns()
+        self.start_time = time.time_ns() if start_time is None else start_time
         self.end_time: int | None = None
+        # (record_exception, set_status_on_exception) for __exit__
+        self.on_exception = (True, True)
         self._ended = False
 
     def get_span_context(self) -> SpanContext:
@@ -203,15 +213,14 @@ class LeanSpan(trace.Span):
         if self._ended:
             return
         limits = self.tracer.limits
+        if not _valid_key(key):
+            logger.warning("span attribute with key %r dropped: not a string", key)
+            self._count_drops(attributes=1)
+            return
         if limits.length is None and type(value) in _SCALAR_TYPES:
             cleaned: Any = value
         else:
             cleaned = _clean(value, limits.length)
-            if cleaned is None:
-                logger.warning(
-                    "span attribute %s dropped: invalid value %r", key, value
-                )
-                return
 
         # As in the SDK: a key set again moves to the end, and a full span
         # drops its oldest attribute for the new one.
@@ -231,6 +240,7 @@ class LeanSpan(trace.Span):
         if (
             self._ended
             or limits.length is not None
+            or not all(map(_valid_key, attributes))
             or len(current) + len(attributes) > limits.attributes
             or not _SCALAR_TYPES.issuperset(map(type, attributes.values()))
         ):
@@ -252,8 +262,13 @@ class LeanSpan(trace.Span):
     ) -> None:
         if self._ended:
             return
+        limits = self.tracer.limits
         event = Event(
-            name, self.tracer.clean_attributes(attributes), timestamp or time.time_ns()
+            name,
+            BoundedAttributes(
+                limits.event_attributes, attributes, max_value_len=limits.other_length
+            ),
+            time.time_ns() if timestamp is None else timestamp,
         )
         if not isinstance(self.events, list):
             self.events = []
@@ -262,9 +277,9 @@ class LeanSpan(trace.Span):
         )
 
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
-        if self._ended or not context.is_valid:
+        if self._ended or not _valid_link(context, attributes):
             return
-        link = Link(context, self.tracer.clean_attributes(attributes))
+        link = self.tracer.bounded_link(Link(context, attributes))
         if not isinstance(self.links, list):
             self.links = []
         self._count_drops(
@@ -307,6 +322,23 @@ class LeanSpan(trace.Span):
             event.update(attributes)
         self.add_event("exception", event, timestamp)
 
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        # As the SDK's span: an exception leaving the block is recorded.
+        if exc_val is not None and self.is_recording():
+            record, set_status = self.on_exception
+            if record:
+                self.record_exception(exc_val, escaped=True)
+            if set_status:
+                self.set_status(
+                    Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}")
+                )
+        self.end()
+
     @property
     def dropped_attributes(self) -> int:
         return self.drops[0]
@@ -323,7 +355,7 @@ class LeanSpan(trace.Span):
         if self._ended:
             return
         self._ended = True
-        self.end_time = end_time or time.time_ns()
+        self.end_time = time.time_ns() if end_time is None else end_time
         queue = self.tracer.queue
         if queue is None:
             self.tracer.processor.on_end(_FinishedSpan(self, self.end_time))
@@ -360,15 +392,21 @@ class LeanTracer(trace.Tracer):
         for key, value in attributes.items():
             if length is None and type(value) in _SCALAR_TYPES:
                 cleaned[key] = value  # the common case, without a call
-                continue
-            item = _clean(value, length)
-            if item is None:
-                logger.warning(
-                    "span attribute %s dropped: invalid value %r", key, value
-                )
-            else:
-                cleaned[key] = item
+            elif _valid_key(key):
+                cleaned[key] = _clean(value, length)
+        if not all(map(_valid_key, cleaned)):
+            cleaned = {key: value for key, value in cleaned.items() if _valid_key(key)}
         return cleaned
+
+    def bounded_link(self, link: Link) -> Link:
+        """Return ``link`` with its attributes under the link limits, as the SDK does."""
+        if not link.attributes:
+            return link  # nothing to bound: exported the same
+        limits = self.limits
+        bounded = BoundedAttributes(
+            limits.link_attributes, link.attributes, max_value_len=limits.other_length
+        )
+        return Link(link.context, bounded)
 
     def _sample(
         self,
@@ -432,9 +470,18 @@ class LeanTracer(trace.Tracer):
         # As in the SDK, the sampler's attributes (the given ones, for the
         # built-in samplers) are the span's.
         merged = self.clean_attributes(sampled_attributes)
+        if links:
+            links = [
+                self.bounded_link(link)
+                for link in links
+                if link and _valid_link(link.context, link.attributes)
+            ]
         span = LeanSpan(
             self, name, span_context, parent, kind, merged, links, start_time
         )
+        span.on_exception = (record_exception, set_status_on_exception)
+        if sampled_attributes and len(merged) < len(sampled_attributes):
+            span._count_drops(attributes=len(sampled_attributes) - len(merged))
         if len(merged) > self.limits.attributes or len(links) > self.limits.links:
             span.trim()
         if self.queue is None:  # the queue replaces the provider's processors
@@ -466,20 +513,27 @@ class LeanTracer(trace.Tracer):
 
 @dataclass(frozen=True, slots=True)
 class _Limits:
-    """Count limits per span and the string length limit, as numbers."""
+    """The span limits as numbers: counts, and string lengths (None keeps all)."""
 
     attributes: int
-    length: int | None  # characters of a string value; None keeps them all
+    length: int | None  # of a span attribute's string value
     events: int
     links: int
+    event_attributes: int | None
+    link_attributes: int | None
+    other_length: int | None  # of an event's or a link's string values
 
     @classmethod
     def of(cls, limits: SpanLimits) -> _Limits:
+        def count(value: int | None) -> int:
+            return _NO_LIMIT if value is None else value
+
         return cls(
-            _NO_LIMIT
-            if limits.max_span_attributes is None
-            else limits.max_span_attributes,
+            count(limits.max_span_attributes),
             limits.max_span_attribute_length,
-            _NO_LIMIT if limits.max_events is None else limits.max_events,
-            _NO_LIMIT if limits.max_links is None else limits.max_links,
+            count(limits.max_events),
+            count(limits.max_links),
+            limits.max_event_attributes,
+            limits.max_link_attributes,
+            limits.max_attribute_length,
         )

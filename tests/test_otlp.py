@@ -125,6 +125,42 @@ def test_encoding_matches_the_official_encoder(spans: list[ReadableSpan]) -> Non
     assert (limited.dropped_events_count, len(limited.events)) == (2, 1)
 
 
+def test_edge_cases_match_the_official_encoder(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Drops with nothing left, ints beyond int64, equal resources made twice."""
+    finished = []
+    for number in range(2):
+        provider = TracerProvider(
+            resource=Resource({"service.name": "chat-gateway"}),  # equal, not same
+            span_limits=SpanLimits(max_events=0, max_links=0),
+        )
+        exporter = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        span = Tracing(provider).tracer.start_span(
+            f"span {number}", attributes={"big": 2**64, "low": -(2**63), "ok": 1}
+        )
+        span.add_event("dropped")
+        span.add_link(_remote_context())
+        span.end()
+        finished += exporter.get_finished_spans()
+
+    with caplog.at_level(logging.ERROR, logger="chat.otlp"):
+        ours = ExportTraceServiceRequest.FromString(encode_spans(finished))
+    assert ours == official_encode(finished)
+    assert len(ours.resource_spans) == 1
+    (first, _) = ours.resource_spans[0].scope_spans[0].spans
+    assert (first.dropped_events_count, first.dropped_links_count) == (1, 1)
+    assert [kv.key for kv in first.attributes] == ["low", "ok"]
+    assert "does not fit in an int64" in caplog.text
+
+
+def _remote_context() -> Any:
+    from opentelemetry import trace
+
+    return trace.get_current_span(extract_context(REMOTE)).get_span_context()
+
+
 def test_repeated_encoding_is_identical(spans: list[ReadableSpan]) -> None:
     """The cache of encoded attributes changes nothing in the output."""
     assert encode_spans(spans) == encode_spans(spans)

@@ -204,19 +204,85 @@ def _remote_span_context() -> trace.SpanContext:
     return trace.get_current_span(extract_context(REMOTE)).get_span_context()
 
 
-def test_invalid_values_are_dropped(pipeline: Callable[..., Any]) -> None:
-    """Values OpenTelemetry does not allow never reach an exporter."""
-    tracer, exporter = pipeline(lean=True)
-    span = tracer.start_span("x")
-    span.set_attribute("mixed", [1, "two"])
-    span.set_attribute("nested", {"a": 1})  # type: ignore[arg-type]
-    span.set_attribute("object", object())  # type: ignore[arg-type]
-    span.set_attribute("gaps", ["a", None, "c"])
-    span.set_attribute("list", [1, 2])
-    span.end()
-    (finished,) = exporter.get_finished_spans()
+class _Named:
+    def __str__(self) -> str:
+        return "named"
 
-    assert dict(finished.attributes or {}) == {"gaps": ("a", None, "c"), "list": (1, 2)}
+
+def _odd_story(tracer: trace.Tracer) -> None:
+    """Values beyond plain scalars, bad keys, limits on events and links."""
+    invalid_link = trace.SpanContext(0, 0, False)
+    span = tracer.start_span(
+        "odd",
+        attributes={"": 1, "start": "kept"},
+        links=[Link(invalid_link), Link(_remote_span_context(), {"a": 1, "b": 2})],
+    )
+    span.set_attribute("mixed", [1, "two"])
+    span.set_attribute("nested", {"a": [1, None]})  # type: ignore[arg-type]
+    span.set_attribute("bytes", b"raw")
+    span.set_attribute("none", None)  # type: ignore[arg-type]
+    span.set_attribute("object", _Named())  # type: ignore[arg-type]
+    span.set_attribute("gaps", ["abcdef", None])
+    span.set_attribute("", "empty key")
+    span.add_event("limited", {"x": "abcdef", "y": 2, "z": 3}, timestamp=0)
+    span.add_link(invalid_link, {"why": "kept: it carries attributes"})
+    span.add_link(invalid_link)
+    span.end(end_time=0)
+
+
+def test_odd_values_match_sdk(
+    pipeline: Callable[..., Any],
+) -> None:
+    """Cleaning, key checks, event and link limits and zero times match the SDK."""
+    limits = SpanLimits(
+        max_event_attributes=2,
+        max_link_attributes=1,
+        max_attribute_length=3,
+        max_span_attribute_length=4,
+    )
+    results = []
+    for lean in (False, True):
+        tracer, exporter = pipeline(lean=lean, span_limits=limits)
+        _odd_story(tracer)
+        (span,) = exporter.get_finished_spans()
+        (event,) = span.events
+        results.append(
+            (
+                list((span.attributes or {}).items()),
+                span.dropped_attributes,
+                span.end_time,
+                (event.name, dict(event.attributes or {}), event.timestamp),
+                event.dropped_attributes,
+                [
+                    (dict(link.attributes or {}), link.dropped_attributes)
+                    for link in span.links
+                ],
+            )
+        )
+
+    assert results[1] == results[0]
+    assert ("object", "named") in results[1][0]
+
+
+def test_exception_leaving_a_span_is_recorded(pipeline: Callable[..., Any]) -> None:
+    """``with tracer.start_span(...)`` records an escaping exception, as the SDK does."""
+    results = []
+    for lean in (False, True):
+        tracer, exporter = pipeline(lean=lean)
+        with pytest.raises(ValueError, match="boom"), tracer.start_span("x"):
+            raise ValueError("boom")
+        with (
+            pytest.raises(ValueError, match="quiet"),
+            tracer.start_span(
+                "y", record_exception=False, set_status_on_exception=False
+            ),
+        ):
+            raise ValueError("quiet")
+        results.append([_view(span) for span in exporter.get_finished_spans()])
+
+    assert results[1] == results[0]
+    assert results[1][0]["status"] == (StatusCode.ERROR, "ValueError: boom")
+    assert results[1][1]["events"] == []
 
 
 def test_processors_see_start_and_one_end(pipeline: Callable[..., Any]) -> None:
