@@ -103,7 +103,26 @@ def _append_bounded(items: list[Any], item: Any, limit: int) -> int:
     return 1
 
 
-class _FinishedSpan(ReadableSpan):
+class _DropCounts:
+    """What a span's limits dropped, read as ``ReadableSpan`` reports it."""
+
+    __slots__ = ()
+    drops: tuple[int, int, int]  # attributes, events, links
+
+    @property
+    def dropped_attributes(self) -> int:
+        return self.drops[0]
+
+    @property
+    def dropped_events(self) -> int:
+        return self.drops[1]
+
+    @property
+    def dropped_links(self) -> int:
+        return self.drops[2]
+
+
+class _FinishedSpan(_DropCounts, ReadableSpan):
     """A ``ReadableSpan`` that reports what the span's limits dropped."""
 
     def __init__(self, span: LeanSpan, end_time: int) -> None:
@@ -122,22 +141,10 @@ class _FinishedSpan(ReadableSpan):
             end_time=end_time,
             instrumentation_scope=tracer.scope,
         )
-        self._drops = span.drops
-
-    @property
-    def dropped_attributes(self) -> int:
-        return self._drops[0]
-
-    @property
-    def dropped_events(self) -> int:
-        return self._drops[1]
-
-    @property
-    def dropped_links(self) -> int:
-        return self._drops[2]
+        self.drops = span.drops
 
 
-class LeanSpan(trace.Span):
+class LeanSpan(_DropCounts, trace.Span):
     """A recording span; see the module docstring."""
 
     __slots__ = (
@@ -338,18 +345,6 @@ class LeanSpan(trace.Span):
                     Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}")
                 )
         self.end()
-
-    @property
-    def dropped_attributes(self) -> int:
-        return self.drops[0]
-
-    @property
-    def dropped_events(self) -> int:
-        return self.drops[1]
-
-    @property
-    def dropped_links(self) -> int:
-        return self.drops[2]
 
     def end(self, end_time: int | None = None) -> None:
         if self._ended:
