@@ -66,6 +66,7 @@ def _message(tracer: Tracer, number: int) -> None:
             "chat.role": "operator",
         },
     )
+
     message_id = f"{number:024x}"
     message.set_attribute("messaging.message.conversation_id", f"client-{number}")
     message.set_attribute("messaging.message.body.size", 200)
@@ -73,6 +74,7 @@ def _message(tracer: Tracer, number: int) -> None:
     message.set_attribute("chat.batch.id", number)
     message.set_attribute("chat.batch.wait_seconds", 0.0012)
     message.set_attribute("chat.duplicate", False)
+
     emit = tracer.start_span(
         "emit task:{task_id}",
         context=set_span_in_context(message),
@@ -88,6 +90,7 @@ def _message(tracer: Tracer, number: int) -> None:
     emit.set_attribute("chat.fanout.sockets", 2)
     emit.end()
     message.end()
+
     insert = tracer.start_span(
         "insert messages",
         kind=SpanKind.CLIENT,

@@ -48,7 +48,7 @@ _pack_fixed32 = struct.Struct("<I").pack
 _pack_double = struct.Struct("<d").pack
 _UINT64 = 0xFFFFFFFFFFFFFFFF
 
-# Span.flags and Link.flags: bit 8 says whether bit 9 (parent is remote) is known.
+# Span.flags and Link.flags: bit 8 marks bit 9 (the parent is remote) as set knowingly.
 _FLAGS_LOCAL = _pack_fixed32(0x100)
 _FLAGS_REMOTE = _pack_fixed32(0x300)
 # An unset status (an empty Status message), then the flags.
@@ -98,16 +98,7 @@ def _int64(value: int) -> int:
 
 
 def _any_value(value: Any) -> bytes:
-    """Encode an ``AnyValue`` body the way the official encoder does."""
-    kind = type(value)
-    if kind is str:
-        return _field(b"\x0a", value.encode())
-    if kind is bool:
-        return b"\x10\x01" if value else b"\x10\x00"
-    if kind is int:
-        return b"\x18" + _varint(_int64(value))
-    if kind is float:
-        return b"\x21" + _pack_double(value)
+    """Encode an ``AnyValue`` body, testing types in the official encoder's order."""
     if value is None:
         return b""
     if isinstance(value, bool):
@@ -120,6 +111,7 @@ def _any_value(value: Any) -> bytes:
         return b"\x21" + _pack_double(value)
     if isinstance(value, bytes):
         return _field(b"\x3a", value)
+
     if isinstance(value, Sequence):
         items = b"".join(_field(b"\x0a", _any_value(item)) for item in value)
         return _field(b"\x2a", items)
@@ -132,7 +124,10 @@ def _any_value(value: Any) -> bytes:
             for key, item in value.items()
         )
         return _field(b"\x32", pairs)
-    raise TypeError(f"attribute value of type {kind.__name__} cannot be encoded")
+    raise TypeError(
+        f"attribute value of type {type(value).__name__} cannot be encoded: "
+        "use a string, number, bool, bytes, sequence or mapping"
+    )
 
 
 class _Grouping:
@@ -169,7 +164,7 @@ class _Grouping:
 
 
 class _Encoder:
-    """Encodes spans; holds the cache of encoded string attributes."""
+    """Span encoder, with a cache of encoded attributes and span names."""
 
     def __init__(self) -> None:
         self._keys: dict[str, bytes] = {}
@@ -238,6 +233,7 @@ class _Encoder:
             parts.append(_field(b"\x1a", _trace_state(context)))
         if parent is not None:
             parts.append(_PARENT.pack(b"\x22\x08", parent.span_id))
+
         name_and_kind = self._names.get((span.name, id(span.kind)))
         if name_and_kind is None:
             name_and_kind = self._name_and_kind(span)
@@ -246,6 +242,7 @@ class _Encoder:
             _TIMES.pack(b"\x39", span.start_time or 0, b"\x41", span.end_time or 0),
             self.attributes(b"\x4a", span.attributes),
         )
+
         if span.dropped_attributes:
             parts.append(b"\x50" + _varint(span.dropped_attributes))
         if span.events:
@@ -256,6 +253,7 @@ class _Encoder:
             parts += self._links(span)
         if span.dropped_links:
             parts.append(b"\x70" + _varint(span.dropped_links))
+
         status = span.status
         remote = parent is not None and parent.is_remote
         if status.status_code is StatusCode.UNSET and not status.description:

@@ -104,7 +104,7 @@ def _append_bounded(items: list[Any], item: Any, limit: int) -> int:
 
 
 class _DropCounts:
-    """What a span's limits dropped, read as ``ReadableSpan`` reports it."""
+    """Counts of what a span's limits dropped, as ``ReadableSpan`` reports them."""
 
     __slots__ = ()
     drops: tuple[int, int, int]  # attributes, events, links
@@ -174,6 +174,7 @@ class LeanSpan(_DropCounts, trace.Span):
         attributes: dict[str, Any],
         links: list[Link],
         start_time: int | None,
+        on_exception: tuple[bool, bool] = (True, True),
     ) -> None:
         self.tracer = tracer
         self.name = name
@@ -188,8 +189,8 @@ class LeanSpan(_DropCounts, trace.Span):
         self.drops: tuple[int, int, int] = (0, 0, 0)  # attributes, events, links
         self.start_time = time.time_ns() if start_time is None else start_time
         self.end_time: int | None = None
-        # (record_exception, set_status_on_exception) for __exit__
-        self.on_exception = (True, True)
+        # (record_exception, set_status_on_exception), applied by __exit__
+        self.on_exception = on_exception
         self._ended = False
 
     def get_span_context(self) -> SpanContext:
@@ -201,15 +202,13 @@ class LeanSpan(_DropCounts, trace.Span):
         if extra > 0:
             for key in list(self.attributes)[:extra]:
                 del self.attributes[key]
-            self._count_drops(attributes=extra)
+            self.count_drops(attributes=extra)
         extra = len(self.links) - self.tracer.limits.links
         if extra > 0:
             self.links = list(self.links[extra:])
-            self._count_drops(links=extra)
+            self.count_drops(links=extra)
 
-    def _count_drops(
-        self, attributes: int = 0, events: int = 0, links: int = 0
-    ) -> None:
+    def count_drops(self, attributes: int = 0, events: int = 0, links: int = 0) -> None:
         dropped = self.drops
         self.drops = (dropped[0] + attributes, dropped[1] + events, dropped[2] + links)
 
@@ -222,7 +221,7 @@ class LeanSpan(_DropCounts, trace.Span):
         limits = self.tracer.limits
         if not _valid_key(key):
             logger.warning("span attribute with key %r dropped: not a string", key)
-            self._count_drops(attributes=1)
+            self.count_drops(attributes=1)
             return
         if limits.length is None and type(value) in _SCALAR_TYPES:
             cleaned: Any = value
@@ -235,7 +234,7 @@ class LeanSpan(_DropCounts, trace.Span):
         if key in attributes:
             del attributes[key]
         elif len(attributes) >= limits.attributes:
-            self._count_drops(attributes=1)
+            self.count_drops(attributes=1)
             if not attributes:
                 return
             del attributes[next(iter(attributes))]
@@ -279,7 +278,7 @@ class LeanSpan(_DropCounts, trace.Span):
         )
         if not isinstance(self.events, list):
             self.events = []
-        self._count_drops(
+        self.count_drops(
             events=_append_bounded(self.events, event, self.tracer.limits.events)
         )
 
@@ -289,7 +288,7 @@ class LeanSpan(_DropCounts, trace.Span):
         link = self.tracer.bounded_link(Link(context, attributes))
         if not isinstance(self.links, list):
             self.links = []
-        self._count_drops(
+        self.count_drops(
             links=_append_bounded(self.links, link, self.tracer.limits.links)
         )
 
@@ -380,17 +379,18 @@ class LeanTracer(trace.Tracer):
         )
 
     def clean_attributes(self, attributes: Attributes) -> dict[str, Any]:
+        """Return the attributes with invalid keys left out and values cleaned."""
         cleaned: dict[str, Any] = {}
         if not attributes:
             return cleaned
         length = self.limits.length
         for key, value in attributes.items():
+            if not key or not isinstance(key, str):
+                continue  # dropped, as the SDK drops it; the caller counts it
             if length is None and type(value) in _SCALAR_TYPES:
                 cleaned[key] = value  # the common case, without a call
-            elif _valid_key(key):
+            else:
                 cleaned[key] = _clean(value, length)
-        if not all(map(_valid_key, cleaned)):
-            cleaned = {key: value for key, value in cleaned.items() if _valid_key(key)}
         return cleaned
 
     def bounded_link(self, link: Link) -> Link:
@@ -413,8 +413,8 @@ class LeanTracer(trace.Tracer):
         attributes: Attributes,
         links: Sequence[Link],
     ) -> tuple[Decision, Attributes, TraceState | None]:
-        # The two samplers that decide from the parent alone are answered here:
-        # the SDK's sampler objects cost a few µs a span for the same answer.
+        # The two samplers that decide from the parent alone are decided here,
+        # because the SDK's sampler objects cost a few µs a span for the same result.
         if self.sampler is ALWAYS_ON or (
             self.sampler is DEFAULT_ON
             and (parent is None or parent.trace_flags.sampled)
@@ -472,11 +472,18 @@ class LeanTracer(trace.Tracer):
                 if link and _valid_link(link.context, link.attributes)
             ]
         span = LeanSpan(
-            self, name, span_context, parent, kind, merged, links, start_time
+            self,
+            name,
+            span_context,
+            parent,
+            kind,
+            merged,
+            links,
+            start_time,
+            on_exception=(record_exception, set_status_on_exception),
         )
-        span.on_exception = (record_exception, set_status_on_exception)
         if sampled_attributes and len(merged) < len(sampled_attributes):
-            span._count_drops(attributes=len(sampled_attributes) - len(merged))
+            span.count_drops(attributes=len(sampled_attributes) - len(merged))
         if len(merged) > self.limits.attributes or len(links) > self.limits.links:
             span.trim()
         if self.queue is None:  # the queue replaces the provider's processors
@@ -496,7 +503,16 @@ class LeanTracer(trace.Tracer):
         set_status_on_exception: bool = True,
         end_on_exit: bool = True,
     ) -> Iterator[trace.Span]:
-        span = self.start_span(name, context, kind, attributes, links, start_time)
+        span = self.start_span(
+            name,
+            context,
+            kind,
+            attributes,
+            links,
+            start_time,
+            record_exception,
+            set_status_on_exception,
+        )
         with trace.use_span(
             span,
             end_on_exit=end_on_exit,

@@ -189,7 +189,7 @@ def test_unencodable_value_skipped(
 
 
 class _Collector(BaseHTTPRequestHandler):
-    """An OTLP/HTTP receiver: keeps each request body, answers an empty response."""
+    """An OTLP/HTTP receiver: keeps each request body and replies with an empty response."""
 
     bodies: list[bytes] = []
 
@@ -307,7 +307,7 @@ def test_gateway_provider_sends_its_spans_over_grpc(
 
 
 class _Sent:
-    """What a SpanQueue sends: the request bodies, answered as landed or not."""
+    """A SpanQueue sender that records request bodies; its first sends can fail."""
 
     def __init__(self, fail_first: int = 0) -> None:
         self.bodies: list[bytes] = []
@@ -379,7 +379,7 @@ def test_queued_spans_encode_as_processed_spans() -> None:
 def test_queue_drops_beyond_its_size_and_counts(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """While a send is under way, the queue holds its size and drops the rest."""
+    """While a send is under way, the queue keeps its size and drops the rest."""
     sent = _Sent()
     entered, release = threading.Event(), threading.Event()
 
