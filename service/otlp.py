@@ -20,6 +20,7 @@ counted in the SDK's own exporter metrics (off unless
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 import time
@@ -27,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import requests
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
     OTLPSpanExporter as _HttpExporter,
 )
@@ -42,6 +44,12 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 __all__ = ["HttpSpanExporter", "SpanQueue", "encode_spans", "grpc_span_exporter"]
 
 logger = logging.getLogger("chat.otlp")
+
+# Either of these names a plugin that builds the exporter's requests session.
+_CREDENTIAL_PROVIDERS = (
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER",
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER",
+)
 
 _pack_fixed64 = struct.Struct("<Q").pack
 _pack_fixed32 = struct.Struct("<I").pack
@@ -346,7 +354,29 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
 
 
 class HttpSpanExporter(_HttpExporter):
-    """The OTLP/HTTP protobuf exporter, with the encoder of this module."""
+    """The OTLP/HTTP protobuf exporter, with the encoder of this module.
+
+    Unless given a session (or a credential provider that makes one), it
+    reads the proxy settings once. A requests session that trusts the
+    environment reads every variable of it twice a request to find proxies:
+    about 1 ms of CPU per export on the reference host. ``HTTPS_PROXY``,
+    ``HTTP_PROXY`` and ``NO_PROXY`` apply as before. With a CA bundle named by
+    ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE``, the session keeps reading the
+    environment, so that the bundle still applies.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        session = None
+        if kwargs.get("session") is None and not any(
+            os.environ.get(name)
+            for name in (*_CREDENTIAL_PROVIDERS, "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+        ):
+            session = kwargs["session"] = requests.Session()
+        super().__init__(*args, **kwargs)
+        if session is not None:
+            endpoint = getattr(self, "_endpoint", "")
+            session.proxies.update(requests.utils.get_environ_proxies(endpoint))
+            session.trust_env = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         client = getattr(self, "_client", None)

@@ -192,14 +192,17 @@ class _Collector(BaseHTTPRequestHandler):
     """An OTLP/HTTP receiver: keeps each request body and replies with an empty response."""
 
     bodies: list[bytes] = []
+    paths: list[str] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         if self.headers.get("Content-Encoding") == "gzip":
             body = gzip.decompress(body)
         _Collector.bodies.append(body)
+        _Collector.paths.append(self.path)
         reply = ExportTraceServiceResponse().SerializeToString()
-        self.send_response(200 if self.path == "/v1/traces" else 404)
+        # Through a proxy, the request names the whole URL.
+        self.send_response(200 if self.path.endswith("/v1/traces") else 404)
         self.send_header("Content-Type", "application/x-protobuf")
         self.send_header("Content-Length", str(len(reply)))
         self.end_headers()
@@ -230,6 +233,38 @@ def test_http_exporter_delivers(
 
     (body,) = _Collector.bodies
     assert ExportTraceServiceRequest.FromString(body) == official_encode(spans)
+
+
+@pytest.mark.parametrize("bypassed", [False, True])
+def test_http_exporter_takes_proxy_settings_from_the_environment(
+    spans: list[ReadableSpan], monkeypatch: pytest.MonkeyPatch, bypassed: bool
+) -> None:
+    """HTTP_PROXY and NO_PROXY apply, though the session reads them only once."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Collector.bodies, _Collector.paths = [], []
+    if bypassed:  # the proxy named is not listening: only a direct post lands
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        endpoint = f"http://127.0.0.1:{server.server_port}/v1/traces"
+    else:  # the collector's host name does not resolve: only the proxy can post
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        endpoint = "http://otlp-collector.invalid:4318/v1/traces"
+    for name in ("http_proxy", "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    exporter = HttpSpanExporter(endpoint=endpoint, timeout=5)
+    try:
+        assert exporter.export(spans) is SpanExportResult.SUCCESS
+    finally:
+        exporter.shutdown()
+        server.shutdown()
+        server.server_close()
+
+    assert _Collector.paths == ["/v1/traces" if bypassed else endpoint]
+    assert ExportTraceServiceRequest.FromString(
+        _Collector.bodies[0]
+    ) == official_encode(spans)
 
 
 class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
