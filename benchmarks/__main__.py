@@ -1,7 +1,7 @@
 """Run every benchmark in turn: ``python -m benchmarks [--quick] [NAME ...]``.
 
 Each one writes ``benchmarks/results/<name>.json``; docs/performance.md
-explains the figures. The full set takes about 15 minutes, ``--quick`` about 6.
+explains the figures. The full set takes about 16 minutes, ``--quick`` about 6.
 """
 
 from __future__ import annotations

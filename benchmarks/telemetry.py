@@ -1,6 +1,6 @@
 """The cost of telemetry: gateway throughput with it off, default, and full.
 
-Three configurations of the gateway:
+Four configurations of the gateway:
 
 * ``off``: no OTLP endpoint (no spans) and ``CHAT_LOG_MONGO_WRITES=off``;
 * ``default``: the defaults, so no spans without an endpoint and 1% of
@@ -15,9 +15,11 @@ Three configurations of the gateway:
 
 Metrics cannot be turned off, so every configuration pays for them.
 
-The gateways run side by side and take turns under the same fixed load
-(``--load`` messages/s for ``--duration`` seconds, ``--rounds`` times each),
-so that a change in the machine's load falls on all of them alike. The figure
+The configurations take turns under the same fixed load (``--load``
+messages/s for ``--duration`` seconds, ``--rounds`` times each), so that a
+change in the machine's load falls on all of them alike. Each turn starts a
+new gateway process, and each round begins with the next configuration.
+``--configurations`` runs a subset (``off`` always runs). The figure
 compared is the gateway process's CPU time per message, read from /proc, as
 the median over the rounds of its ratio to ``off`` in the same round.
 While that process is the limit, throughput is inversely proportional to it,
@@ -27,7 +29,7 @@ point, for the direct comparison.
 
 Target: telemetry costs at most 10% of throughput.
 
-Run: ``python -m benchmarks.telemetry`` (about 5 minutes), or ``--quick``.
+Run: ``python -m benchmarks.telemetry`` (about 6 minutes), or ``--quick``.
 """
 
 from __future__ import annotations

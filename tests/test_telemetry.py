@@ -109,6 +109,32 @@ async def test_client_traceparent_continued(
     assert format(message.parent.span_id, "016x") == TRACEPARENT.split("-")[2]
 
 
+async def test_unsampled_client_trace_makes_no_spans(
+    gateway_factory: Any,
+    connect: Any,
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    """A traceparent with the sampled flag off: the message and its children go unrecorded."""
+    provider, exporter = spans
+    gateway = gateway_factory(tracer_provider=provider)
+    client = await connect(gateway, gateway.token("t1", "olga"))
+    unsampled = TRACEPARENT[:-2] + "00"
+
+    ack = await client.send("not traced", "tp-off", traceparent=unsampled)
+    assert ack["ok"] is True
+    await client.send("traced", "tp-on")
+    (traced,) = await eventually(
+        lambda: _by_name(exporter.get_finished_spans(), "emit task:{task_id}")
+    )
+
+    trace_id = int(TRACEPARENT.split("-")[1], 16)
+    finished = exporter.get_finished_spans()
+    assert [s.name for s in finished if s.context.trace_id == trace_id] == []
+    (message,) = _by_name(finished, "send_message task:{task_id}")
+    assert traced.parent is not None
+    assert traced.parent.span_id == message.context.span_id
+
+
 async def test_rest_send_continues_header_trace(
     gateway_factory: Any, spans: tuple[TracerProvider, InMemorySpanExporter]
 ) -> None:
@@ -322,6 +348,31 @@ def test_log_lines_carry_trace_ids() -> None:
     assert line["trace_id"] == format(context.trace_id, "032x")
     assert line["span_id"] == format(context.span_id, "016x")
     assert "trace_id" not in outside
+
+
+def test_unsampled_span_logs_keep_trace_id() -> None:
+    """A client's trace that the sampler dropped still finds the gateway's log lines."""
+    import logging
+
+    from opentelemetry import context as context_api
+    from opentelemetry import trace
+
+    from service.tracing import extract_context
+
+    unsampled = TRACEPARENT[:-2] + "00"
+    tracer = TracerProvider().get_tracer("test")
+    span = tracer.start_span("send_message", context=extract_context(unsampled))
+    record = logging.LogRecord(
+        "chat.test", logging.WARNING, __file__, 1, "x", None, None
+    )
+    token = context_api.attach(trace.set_span_in_context(span))
+    try:
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        context_api.detach(token)
+
+    assert not span.is_recording()
+    assert line["trace_id"] == TRACEPARENT.split("-")[1]
 
 
 class _Receiver(BaseHTTPRequestHandler):
