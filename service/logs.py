@@ -10,7 +10,8 @@ Two kinds of line share the stream:
     {"t": "...", "metric": "event_loop_lag_ms", "value": 0.42}
 
 * Event lines: ``{"t", "level", "logger", "message", ...fields}``, plus
-  ``trace_id`` and ``span_id`` when written inside a recording span.
+  ``trace_id`` and ``span_id`` when written inside a span, recorded or
+  dropped by the sampler (its ids still name the client's trace).
 
 Components log through ``logging.getLogger("chat.<component>")`` with lazy
 ``%s`` arguments and ids passed in ``extra``.
