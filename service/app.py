@@ -409,6 +409,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         request: Request, exc: RequestValidationError
     ) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            position = first.get("loc", ("body", 0))[-1]
+            reason = first.get("ctx", {}).get("error", "JSON decode error")
+            return error_response(
+                InvalidPayload(
+                    f"the request body is not valid JSON ({reason} at character "
+                    f"{position}): send a JSON object such as "
+                    '{"client_msg_id": "...", "text": "..."}'
+                )
+            )
         where = ".".join(str(part) for part in first.get("loc", ()))
         detail = (
             f"{where}: {first.get('msg', 'invalid')}" if where else "invalid request"

@@ -259,6 +259,7 @@ async def test_rest_send_uses_pipeline(gateway: RunningGateway, connect: Any) ->
     listener = await connect(gateway, gateway.token("t1", "max", "manager"))
     token = gateway.token("t1", "olga")
 
+    cut_short = b'{"client_msg_id": "r-4", "text": "x"'  # no closing brace
     async with http(gateway, token) as api:
         created = await api.post(
             "/api/tasks/t1/messages", json={"client_msg_id": "r-1", "text": "from REST"}
@@ -274,6 +275,11 @@ async def test_rest_send_uses_pipeline(gateway: RunningGateway, connect: Any) ->
             json={"client_msg_id": "r-3", "text": "x"},
             headers={"Authorization": ""},
         )
+        not_json = await api.post(
+            "/api/tasks/t1/messages",
+            content=cut_short,
+            headers={"Content-Type": "application/json"},
+        )
 
     assert created.status_code == 201
     assert retried.status_code == 200
@@ -281,6 +287,10 @@ async def test_rest_send_uses_pipeline(gateway: RunningGateway, connect: Any) ->
     assert too_long.status_code == 413
     assert too_long.json()["error"]["code"] == "text_too_long"
     assert no_auth.status_code == 401
+    assert not_json.status_code == 400
+    assert not_json.json()["error"]["code"] == "invalid_payload"
+    assert "not valid JSON" in not_json.json()["error"]["message"]
+    assert f"at character {len(cut_short)}" in not_json.json()["error"]["message"]
     received = await listener.wait_for(1)
     assert received[0]["text"] == "from REST"
 
