@@ -109,8 +109,10 @@ def _select(
     configurations: dict[str, dict[str, str]], args: argparse.Namespace
 ) -> dict[str, dict[str, str]]:
     """Return the configurations named by ``--configurations``, ``off`` first."""
-    wanted = {name.strip() for name in args.configurations.split(",") if name.strip()}
-    unknown = wanted - configurations.keys()
+    requested = {
+        name.strip() for name in args.configurations.split(",") if name.strip()
+    }
+    unknown = requested - configurations.keys()
     if unknown:
         raise SystemExit(
             f"unknown configuration {', '.join(sorted(unknown))}: "
@@ -119,7 +121,7 @@ def _select(
     return {
         name: env
         for name, env in configurations.items()
-        if name == "off" or name in wanted
+        if name == "off" or name in requested
     }
 
 
@@ -172,8 +174,8 @@ def _fixed_load(
         # always runs first or right after the same neighbour.
         shift = (number - 1) % len(names)
         for name in names[shift:] + names[:shift]:
-            # A new process each round: a process's own layout in memory and
-            # hash seed shift its CPU time by a few percent for its whole life.
+            # A new process each turn, because a process's memory layout and
+            # hash seed shift its CPU time by several percent for its whole life.
             with harness.gateway(
                 workdir, configurations[name], name=f"{name}-{number}"
             ) as server:
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sink.shutdown()
     results["otlp_sink"] = {"requests": _Sink.requests, "bytes": _Sink.bytes_received}
     results["target"] = {"max_throughput_cost": MAX_COST}
-    for name in configurations.keys() - {"off"}:
+    for name in [name for name in configurations if name != "off"]:
         ratio = results["configurations"][name]["throughput_ratio_to_off"]
         results["target"][f"{name}_met"] = ratio is not None and ratio >= 1 - MAX_COST
     path = harness.save("telemetry", results)

@@ -376,11 +376,10 @@ class MessageService:
 
 
 def _records(span: Span | None) -> bool:
-    """Return whether children of the message span are worth starting.
+    """Return whether to start child spans under the message span.
 
-    A message span that the sampler dropped has children that the parent-based
-    samplers drop too: skipping them spares the sampler's work on the 90% of
-    messages that a 10% ratio leaves out.
+    The parent-based samplers drop the children of a dropped span, so skipping
+    them saves a sampler call per child on every message the sampler drops.
     """
     return span is not None and span.is_recording()
 

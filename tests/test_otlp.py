@@ -212,43 +212,51 @@ class _Collector(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("compression", [Compression.NoCompression, Compression.Gzip])
-def test_http_exporter_delivers(
-    spans: list[ReadableSpan], compression: Compression
-) -> None:
-    """The OTLP/HTTP exporter posts the request to /v1/traces, gzipped if asked."""
+@pytest.fixture
+def collector_port() -> Iterator[int]:
+    """Serve ``_Collector`` on a free 127.0.0.1 port, with its records emptied."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    _Collector.bodies = []
+    _Collector.bodies, _Collector.paths = [], []
+    yield server.server_port
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("compression", [Compression.NoCompression, Compression.Gzip])
+def test_http_exporter_delivers(
+    spans: list[ReadableSpan], compression: Compression, collector_port: int
+) -> None:
+    """The OTLP/HTTP exporter posts the request to /v1/traces, gzipped if asked."""
     exporter = HttpSpanExporter(
-        endpoint=f"http://127.0.0.1:{server.server_port}/v1/traces",
+        endpoint=f"http://127.0.0.1:{collector_port}/v1/traces",
         compression=compression,
     )
     try:
         assert exporter.export(spans) is SpanExportResult.SUCCESS
     finally:
         exporter.shutdown()
-        server.shutdown()
-        server.server_close()
 
     (body,) = _Collector.bodies
     assert ExportTraceServiceRequest.FromString(body) == official_encode(spans)
 
 
 @pytest.mark.parametrize("bypassed", [False, True])
-def test_http_exporter_takes_proxy_settings_from_the_environment(
-    spans: list[ReadableSpan], monkeypatch: pytest.MonkeyPatch, bypassed: bool
+def test_http_exporter_uses_environment_proxies(
+    spans: list[ReadableSpan],
+    monkeypatch: pytest.MonkeyPatch,
+    bypassed: bool,
+    collector_port: int,
 ) -> None:
     """HTTP_PROXY and NO_PROXY apply, though the session reads them only once."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    _Collector.bodies, _Collector.paths = [], []
-    if bypassed:  # the proxy named is not listening: only a direct post lands
+    if bypassed:
+        # Nothing listens on the proxy's port, so only a direct post lands.
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-        endpoint = f"http://127.0.0.1:{server.server_port}/v1/traces"
-    else:  # the collector's host name does not resolve: only the proxy can post
-        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_port}")
+        endpoint = f"http://127.0.0.1:{collector_port}/v1/traces"
+    else:
+        # The collector's host name does not resolve, so only the proxy can post.
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{collector_port}")
         monkeypatch.delenv("NO_PROXY", raising=False)
         endpoint = "http://otlp-collector.invalid:4318/v1/traces"
     for name in ("http_proxy", "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
@@ -258,8 +266,6 @@ def test_http_exporter_takes_proxy_settings_from_the_environment(
         assert exporter.export(spans) is SpanExportResult.SUCCESS
     finally:
         exporter.shutdown()
-        server.shutdown()
-        server.server_close()
 
     assert _Collector.paths == ["/v1/traces" if bypassed else endpoint]
     assert ExportTraceServiceRequest.FromString(
