@@ -307,20 +307,10 @@ class MessageService:
         trace_id: str | None,
     ) -> None:
         started = time.perf_counter()
-        child = None
-        if _records(span):
-            child = self._tracing.tracer.start_span(
-                _EMIT_SPAN,
-                kind=SpanKind.PRODUCER,
-                attributes={
-                    "messaging.system": "socketio",
-                    "messaging.operation.type": "send",
-                    "messaging.operation.name": "emit",
-                    "messaging.destination.name": principal.room,
-                    "messaging.message.id": view["id"],
-                },
-            )
+        recording = _records(span)
+        started_ns = time.time_ns() if recording else 0
         sockets = 0
+        error: BaseException | None = None
         try:
             sockets = await self._fanout(principal.room, view)
         except Exception as exc:  # the message is stored: the ack must still go
@@ -332,47 +322,68 @@ class MessageService:
                     "error": repr(exc),
                 },
             )
-            if child is not None:
-                child.record_exception(exc)
-                child.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            error = exc
         except BaseException as exc:  # cancelled: recorded, then passed on
-            if child is not None:
-                child.record_exception(exc, escaped=True)
-                child.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            if recording and span is not None:
+                self._emit_span(span, principal, view, started_ns, sockets, exc, True)
             raise
-        finally:
-            if child is not None:
-                child.set_attribute("chat.fanout.sockets", sockets)
-                child.end()
+        if recording and span is not None:
+            self._emit_span(span, principal, view, started_ns, sockets, error, False)
         elapsed = time.perf_counter() - started
         # The emit span shares the message span's trace, and so its trace id.
         exemplar = {"trace_id": trace_id} if trace_id else None
         self._metrics.fanout_duration.observe(elapsed, exemplar=exemplar)
 
+    def _emit_span(
+        self,
+        span: Span,
+        principal: Principal,
+        view: dict[str, Any],
+        started_ns: int,
+        sockets: int,
+        error: BaseException | None,
+        escaped: bool,
+    ) -> None:
+        self._tracing.add_child(
+            span,
+            _EMIT_SPAN,
+            SpanKind.PRODUCER,
+            started_ns,
+            {
+                "messaging.system": "socketio",
+                "messaging.operation.type": "send",
+                "messaging.operation.name": "emit",
+                "messaging.destination.name": principal.room,
+                "messaging.message.id": view["id"],
+                "chat.fanout.sockets": sockets,
+            },
+            error=error,
+            escaped=escaped,
+        )
+
     def _hand_off(self, doc: dict[str, Any], span: Span | None) -> None:
         if self._indexer is None:
             return
-        child = None
-        if _records(span):
-            child = self._tracing.tracer.start_span(
-                "enqueue index",
-                kind=SpanKind.PRODUCER,
-                attributes={
-                    "messaging.system": "chat.indexer",
-                    "messaging.operation.type": "send",
-                },
-            )
+        recording = _records(span)
+        started_ns = time.time_ns() if recording else 0
         context = span.get_span_context() if span is not None else None
         queued = False
         try:
             queued = self._indexer.offer(IndexItem.from_doc(doc, context))
         finally:
-            if child is not None:
+            if recording and span is not None:
                 # A full queue defers the message to the reconciler: not lost.
-                child.set_attribute(
-                    "chat.index.outcome", "queued" if queued else "deferred"
+                self._tracing.add_child(
+                    span,
+                    "enqueue index",
+                    SpanKind.PRODUCER,
+                    started_ns,
+                    {
+                        "messaging.system": "chat.indexer",
+                        "messaging.operation.type": "send",
+                        "chat.index.outcome": "queued" if queued else "deferred",
+                    },
                 )
-                child.end()
 
 
 def _records(span: Span | None) -> bool:

@@ -274,7 +274,44 @@ class _Encoder:
             )
         return b"".join(parts)
 
-    def _name_and_kind(self, span: ReadableSpan) -> bytes:
+    def child(self, parent: Any, child: Any) -> bytes:
+        """Encode a child recorded on ``parent`` by ``LeanSpan.add_child``.
+
+        The child shares its parent's trace id and trace state, has the parent
+        for its parent, no links, and at most its one exception event.
+        """
+        context = parent.context
+        trace_id = context.trace_id
+        parts = [
+            _IDS.pack(
+                b"\x0a\x10",
+                trace_id >> 64,
+                trace_id & _UINT64,
+                b"\x12\x08",
+                child.span_id,
+            )
+        ]
+        if context.trace_state:
+            parts.append(_field(b"\x1a", _trace_state(context)))
+        parts.append(_PARENT.pack(b"\x22\x08", context.span_id))
+        name_and_kind = self._names.get((child.name, id(child.kind)))
+        if name_and_kind is None:
+            name_and_kind = self._name_and_kind(child)
+        parts += (
+            name_and_kind,
+            _TIMES.pack(b"\x39", child.start_time, b"\x41", child.end_time),
+            self.attributes(b"\x4a", child.attributes),
+        )
+        if child.events:
+            parts += self._events(child)
+        status = child.status
+        if status.status_code is StatusCode.UNSET:
+            parts.append(_TAIL_LOCAL)
+        else:
+            parts += (_field(b"\x7a", _status(status)), b"\x85\x01", _FLAGS_LOCAL)
+        return b"".join(parts)
+
+    def _name_and_kind(self, span: Any) -> bytes:
         if len(self._names) >= _CACHE_MAX:
             self._names.clear()
         encoded = _field(b"\x2a", span.name.encode()) + _KINDS[id(span.kind)]
@@ -489,11 +526,12 @@ class SpanQueue:
         self._thread.start()
 
     def add(self, span: Any) -> None:
-        """Encode a finished, sampled span and queue it; never raises."""
+        """Encode a finished, sampled span and its children, queue them; never raises."""
         spans = self._spans
-        if len(spans) >= self._max_queue_size or self._stopping:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 10_000 == 0:
+        count = 1 + len(span.children)
+        if len(spans) + count > self._max_queue_size or self._stopping:
+            self.dropped += count
+            if self.dropped == count or self.dropped % 10_000 < count:
                 logger.warning(
                     "span queue full (%d spans) or shut down: %d spans dropped so far",
                     self._max_queue_size,
@@ -501,9 +539,13 @@ class SpanQueue:
                 )
             return
         try:
+            if count > 1:  # children first, in the order in which they ended
+                spans.extend(
+                    [_field(b"\x12", _encoder.child(span, c)) for c in span.children]
+                )
             spans.append(_field(b"\x12", _encoder.span(span)))
         except Exception:  # a span must never fail the message it describes
-            logger.exception("encoding span %r failed: dropped", span.name)
+            logger.exception("encoding span %r or its children failed", span.name)
             return
         if len(spans) >= self._batch_size:
             self._wake.set()

@@ -31,7 +31,15 @@ from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits
 from opentelemetry.sdk.trace import Tracer as SdkTracer
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, DEFAULT_ON, Decision
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_ON,
+    DEFAULT_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    StaticSampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     Link,
@@ -144,12 +152,80 @@ class _FinishedSpan(_DropCounts, ReadableSpan):
         self.drops = span.drops
 
 
+class _Child:
+    """A child span recorded on its parent by ``LeanSpan.add_child``.
+
+    It shares the parent's trace, trace state and sampling decision, and is
+    exported when the parent ends, as a span of its own.
+    """
+
+    __slots__ = (
+        "attributes",
+        "end_time",
+        "events",
+        "kind",
+        "name",
+        "span_id",
+        "start_time",
+        "status",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        kind: SpanKind,
+        span_id: int,
+        start_time: int,
+        end_time: int,
+        attributes: dict[str, Any],
+        status: Status,
+        events: list[Event] | tuple[()],
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.span_id = span_id
+        self.start_time = start_time
+        self.end_time = end_time
+        self.attributes = attributes
+        self.status = status
+        self.events = events
+
+
+class _FinishedChild(_DropCounts, ReadableSpan):
+    """A recorded child as the SDK's span processors read a finished span."""
+
+    def __init__(self, parent: LeanSpan, child: _Child) -> None:
+        tracer = parent.tracer
+        context = parent.context
+        super().__init__(
+            name=child.name,
+            context=SpanContext(
+                context.trace_id,
+                child.span_id,
+                is_remote=False,
+                trace_flags=context.trace_flags,
+                trace_state=context.trace_state,
+            ),
+            parent=context,
+            resource=tracer.resource,
+            attributes=child.attributes,
+            events=child.events,
+            kind=child.kind,
+            status=child.status,
+            start_time=child.start_time,
+            end_time=child.end_time,
+            instrumentation_scope=tracer.scope,
+        )
+        self.drops = (0, 0, 0)
+
+
 class LeanSpan(_DropCounts, trace.Span):
     """A recording span; see the module docstring."""
 
     __slots__ = (
         "_ended",
         "attributes",
+        "children",
         "context",
         "drops",
         "end_time",
@@ -185,6 +261,7 @@ class LeanSpan(_DropCounts, trace.Span):
         # Lists only when needed: every container adds to the collector's work.
         self.links: list[Link] | tuple[()] = links or ()
         self.events: list[Event] | tuple[()] = ()
+        self.children: list[_Child] | tuple[()] = ()
         self.status = _UNSET
         self.drops: tuple[int, int, int] = (0, 0, 0)  # attributes, events, links
         self.start_time = time.time_ns() if start_time is None else start_time
@@ -268,13 +345,8 @@ class LeanSpan(_DropCounts, trace.Span):
     ) -> None:
         if self._ended:
             return
-        limits = self.tracer.limits
-        event = Event(
-            name,
-            BoundedAttributes(
-                limits.event_attributes, attributes, max_value_len=limits.other_length
-            ),
-            time.time_ns() if timestamp is None else timestamp,
+        event = self.tracer.event(
+            name, attributes, time.time_ns() if timestamp is None else timestamp
         )
         if not isinstance(self.events, list):
             self.events = []
@@ -314,19 +386,93 @@ class LeanSpan(_DropCounts, trace.Span):
         timestamp: int | None = None,
         escaped: bool = False,
     ) -> None:
-        module = type(exception).__module__
-        qualname = type(exception).__qualname__
-        event: dict[str, Any] = {
-            "exception.type": (
-                f"{module}.{qualname}" if module and module != "builtins" else qualname
-            ),
-            "exception.message": str(exception),
-            "exception.stacktrace": "".join(traceback.format_exception(exception)),
-            "exception.escaped": str(escaped),
-        }
-        if attributes:
-            event.update(attributes)
-        self.add_event("exception", event, timestamp)
+        self.add_event(
+            "exception",
+            _exception_attributes(exception, escaped, attributes),
+            timestamp,
+        )
+
+    def add_child(
+        self,
+        name: str,
+        kind: SpanKind,
+        start_time: int,
+        attributes: dict[str, AttributeValue],
+        *,
+        error: BaseException | None = None,
+        escaped: bool = False,
+    ) -> None:
+        """Record a child span that started at ``start_time`` and ends now.
+
+        For a short step of this span's work, such as the fan-out of a
+        message, this costs a fraction of starting and ending a span: no
+        sampler call, no span context and no processor call until the parent
+        ends. The child takes the parent's sampling decision, so this path
+        is taken only with the samplers that sample every child of a sampled
+        span (all the built-in ones) and with the default attribute limits.
+        Otherwise the child is started and ended as any other span.
+
+        ``error``, if given, is recorded as an exception event, and sets the
+        status to ERROR with the exception's type name.
+        """
+        end_time = time.time_ns()
+        tracer = self.tracer
+        if (
+            self._ended
+            or not tracer.children_follow_parent
+            or not self.context.trace_flags.sampled
+            or len(attributes) > tracer.limits.attributes
+            or (error is not None and tracer.limits.events < 1)
+        ):
+            self._start_child(
+                name, kind, start_time, end_time, attributes, error, escaped
+            )
+            return
+        status = _UNSET
+        events: list[Event] | tuple[()] = ()
+        if error is not None:
+            status = Status(StatusCode.ERROR, type(error).__name__)
+            events = [
+                tracer.event(
+                    "exception", _exception_attributes(error, escaped), end_time
+                )
+            ]
+        child = _Child(
+            name,
+            kind,
+            tracer.ids.generate_span_id(),
+            start_time,
+            end_time,
+            tracer.clean_attributes(attributes),
+            status,
+            events,
+        )
+        if isinstance(self.children, list):
+            self.children.append(child)
+        else:
+            self.children = [child]
+
+    def _start_child(
+        self,
+        name: str,
+        kind: SpanKind,
+        start_time: int,
+        end_time: int,
+        attributes: dict[str, AttributeValue],
+        error: BaseException | None,
+        escaped: bool,
+    ) -> None:
+        child = self.tracer.start_span(
+            name,
+            context=trace.set_span_in_context(self),
+            kind=kind,
+            attributes=attributes,
+            start_time=start_time,
+        )
+        if error is not None:
+            child.record_exception(error, escaped=escaped, timestamp=end_time)
+            child.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        child.end(end_time)
 
     def __exit__(
         self,
@@ -352,7 +498,10 @@ class LeanSpan(_DropCounts, trace.Span):
         self.end_time = time.time_ns() if end_time is None else end_time
         queue = self.tracer.queue
         if queue is None:
-            self.tracer.processor.on_end(_FinishedSpan(self, self.end_time))
+            processor = self.tracer.processor
+            for child in self.children:  # children end first, as they did
+                processor.on_end(_FinishedChild(self, child))
+            processor.on_end(_FinishedSpan(self, self.end_time))
         elif self.context.trace_flags.sampled:
             queue.add(self)  # read as a finished span, as ReadableSpan is read
 
@@ -376,6 +525,21 @@ class LeanTracer(trace.Tracer):
         # The provider's limits: given to it, or read from OTEL_SPAN_*_LIMIT.
         self.limits = _Limits.of(
             getattr(sdk_tracer, "_span_limits", None) or SpanLimits()
+        )
+        # Whether add_child may record children without a sampler call.
+        self.children_follow_parent = (
+            _samples_children(self.sampler) and self.limits.length is None
+        )
+
+    def event(self, name: str, attributes: Attributes, timestamp: int) -> Event:
+        """Return an event with its attributes under the event limits."""
+        limits = self.limits
+        return Event(
+            name,
+            BoundedAttributes(
+                limits.event_attributes, attributes, max_value_len=limits.other_length
+            ),
+            timestamp,
         )
 
     def clean_attributes(self, attributes: Attributes) -> dict[str, Any]:
@@ -520,6 +684,38 @@ class LeanTracer(trace.Tracer):
             set_status_on_exception=set_status_on_exception,
         ) as current:
             yield current
+
+
+def _samples_children(sampler: Sampler) -> bool:
+    """Return whether ``sampler`` samples every child of a sampled local span.
+
+    The static samplers and the trace id ratio decide the same for every
+    span of a trace, and the parent-based ones (all of those that
+    ``OTEL_TRACES_SAMPLER`` names) sample the children of a sampled local
+    parent unless given another sampler for them.
+    """
+    if isinstance(sampler, ParentBased):
+        return getattr(sampler, "_local_parent_sampled", None) is ALWAYS_ON
+    return isinstance(sampler, StaticSampler) or type(sampler) is TraceIdRatioBased
+
+
+def _exception_attributes(
+    exception: BaseException, escaped: bool, extra: Attributes = None
+) -> dict[str, Any]:
+    """Return the attributes of an exception event, as the SDK records them."""
+    module = type(exception).__module__
+    qualname = type(exception).__qualname__
+    attributes: dict[str, Any] = {
+        "exception.type": (
+            f"{module}.{qualname}" if module and module != "builtins" else qualname
+        ),
+        "exception.message": str(exception),
+        "exception.stacktrace": "".join(traceback.format_exception(exception)),
+        "exception.escaped": str(escaped),
+    }
+    if extra:
+        attributes.update(extra)
+    return attributes
 
 
 @dataclass(frozen=True, slots=True)

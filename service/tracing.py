@@ -50,11 +50,12 @@ from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext
+from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AttributeValue
 
 from service import __version__
-from service.spans import LeanTracer
+from service.spans import LeanSpan, LeanTracer
 
 __all__ = [
     "ROOM_TEMPLATE",
@@ -184,6 +185,39 @@ class Tracing:
             if isinstance(tracer, SdkTracer)
             else tracer
         )
+
+    def add_child(
+        self,
+        parent: Span,
+        name: str,
+        kind: SpanKind,
+        start_time: int,
+        attributes: dict[str, AttributeValue],
+        *,
+        error: BaseException | None = None,
+        escaped: bool = False,
+    ) -> None:
+        """Record a child of ``parent`` that started at ``start_time`` and ends now.
+
+        A ``LeanSpan`` records it cheaply (``LeanSpan.add_child``); with any
+        other span, the child is started and ended through the tracer.
+        """
+        if isinstance(parent, LeanSpan):
+            parent.add_child(
+                name, kind, start_time, attributes, error=error, escaped=escaped
+            )
+            return
+        child = self.tracer.start_span(
+            name,
+            context=trace.set_span_in_context(parent),
+            kind=kind,
+            attributes=attributes,
+            start_time=start_time,
+        )
+        if error is not None:
+            child.record_exception(error, escaped=escaped)
+            child.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        child.end()
 
     def shutdown(self) -> None:
         shutdown = getattr(self.provider, "shutdown", None)

@@ -34,7 +34,7 @@ from service.embedded import free_port
 from service.otlp import HttpSpanExporter, SpanQueue, encode_spans, grpc_span_exporter
 from service.spans import LeanTracer
 from service.tracing import Tracing, create_tracer_provider, extract_context
-from tests.test_spans import _story
+from tests.test_spans import _story, add_child
 
 REMOTE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -78,6 +78,8 @@ def _finished(lean: bool, provider: TracerProvider) -> tuple[ReadableSpan, ...]:
         child = tracer.start_span("emit task:{task_id}", kind=SpanKind.PRODUCER)
         child.set_status(Status(StatusCode.ERROR, "emit failed: 0 sockets"))
         child.end()
+        add_child(tracer, span, "enqueue index", {"n": 1, "outcome": "queued"})
+        add_child(tracer, span, "emit again", {}, error=TimeoutError("slow"))
     for kind in SpanKind:
         linked = tracer.start_span(
             f"kind {kind.name}",
@@ -115,7 +117,7 @@ def test_encoding_matches_the_official_encoder(spans: list[ReadableSpan]) -> Non
 
     assert ours == official
     assert len(ours.resource_spans) == 2
-    assert sum(len(s.spans) for r in ours.resource_spans for s in r.scope_spans) == 14
+    assert sum(len(s.spans) for r in ours.resource_spans for s in r.scope_spans) == 18
     (limited,) = [
         span
         for span in ours.resource_spans[1].scope_spans[0].spans
@@ -342,6 +344,8 @@ def test_gateway_provider_sends_its_spans_over_grpc(
     ]
     assert sorted(names) == [
         "emit task:{task_id}",
+        "emit task:{task_id}",
+        "enqueue index",
         "insert messages",
         "send_message renamed",
     ]
@@ -450,6 +454,36 @@ def test_queue_drops_beyond_its_size_and_counts(
     assert queue.dropped == 2
     assert [span.name for span in sent.spans()] == [f"span {n}" for n in range(6)]
     assert "span queue full (3 spans)" in caplog.text
+
+
+def test_queue_takes_a_span_with_its_children_or_drops_all(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Recorded children are queued with their parent, as spans of its trace."""
+    sent = _Sent()
+    queue = SpanQueue(
+        sent, Resource({}), InstrumentationScope("chat-gateway"), max_queue_size=4
+    )
+    provider = TracerProvider()
+    tracer = LeanTracer(provider.get_tracer("t"), "chat-gateway", "1", queue=queue)
+    for number in range(2):
+        span = tracer.start_span(f"parent {number}")
+        for name in ("a", "b"):
+            span.add_child(f"{name} {number}", SpanKind.PRODUCER, 1, {"x": name})
+        span.end()
+    with caplog.at_level(logging.WARNING, logger="chat.otlp"):
+        assert queue.force_flush(10)
+    queue.shutdown()
+
+    assert queue.dropped == 3  # the second parent and its two children
+    first, second, parent = sent.spans()
+    assert [first.name, second.name, parent.name] == ["a 0", "b 0", "parent 0"]
+    for child in (first, second):
+        assert child.trace_id == parent.trace_id
+        assert child.parent_span_id == parent.span_id
+        assert child.span_id not in (parent.span_id, b"")
+        assert child.start_time_unix_nano == 1
+    assert "span queue full (4 spans)" in caplog.text
 
 
 def test_queue_survives_a_failed_export(caplog: pytest.LogCaptureFixture) -> None:

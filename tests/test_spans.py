@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -12,8 +13,17 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.util.types import Attributes, AttributeValue
 
 from service import __version__
 from service.spans import LeanSpan, LeanTracer
@@ -56,6 +66,31 @@ def pipeline() -> Iterator[Callable[..., tuple[trace.Tracer, InMemorySpanExporte
         provider.shutdown()
 
 
+def add_child(
+    tracer: trace.Tracer,
+    parent: trace.Span,
+    name: str,
+    attributes: dict[str, AttributeValue],
+    error: BaseException | None = None,
+) -> None:
+    """Record a child as the gateway does, or start and end one as the SDK would."""
+    start = time.time_ns() - 1000
+    if isinstance(parent, LeanSpan):
+        parent.add_child(name, SpanKind.PRODUCER, start, attributes, error=error)
+        return
+    child = tracer.start_span(
+        name,
+        context=trace.set_span_in_context(parent),
+        kind=SpanKind.PRODUCER,
+        attributes=attributes,
+        start_time=start,
+    )
+    if error is not None:
+        child.record_exception(error)
+        child.set_status(Status(StatusCode.ERROR, type(error).__name__))
+    child.end()
+
+
 def _story(tracer: trace.Tracer) -> None:
     """Use every part of the span API the way the gateway and libraries do."""
     parent = extract_context(REMOTE)
@@ -73,6 +108,14 @@ def _story(tracer: trace.Tracer) -> None:
         child.set_status(Status(StatusCode.ERROR, "emit_failed"))
         child.record_exception(ValueError("no sockets"))
         child.end()
+        add_child(tracer, span, "enqueue index", {"chat.index.outcome": "queued"})
+        add_child(
+            tracer,
+            span,
+            "emit task:{task_id}",
+            {"messaging.system": "socketio", "chat.fanout.sockets": 0},
+            error=ConnectionResetError("socket gone"),
+        )
         span.update_name("send_message renamed")
     linked = tracer.start_span(
         "insert messages",
@@ -122,7 +165,7 @@ def test_same_story_same_spans(pipeline: Callable[..., Any]) -> None:
 
     expected = [_view(span) for span in sdk_spans.get_finished_spans()]
     actual = [_view(span) for span in lean_spans.get_finished_spans()]
-    assert len(actual) == 3
+    assert len(actual) == 5
     for want, got in zip(expected, actual, strict=True):
         want["parent"] = got["parent"] = None if want["parent"] is None else "set"
         assert got == want
@@ -140,6 +183,118 @@ def test_child_of_current_span(
     assert inner.parent.span_id == outer.get_span_context().span_id
     assert finished_outer.parent is None
     assert inner.context.trace_flags.sampled
+
+
+def test_recorded_children_are_spans_of_their_parent(
+    pipeline: Callable[..., Any],
+) -> None:
+    """A child recorded with add_child is exported as a child span, with its times."""
+    tracer, exporter = pipeline(lean=True)
+    parent = tracer.start_span("parent", context=extract_context(REMOTE))
+    started = time.time_ns()
+    parent.add_child("child", SpanKind.PRODUCER, started, {"n": 1})
+    ended = time.time_ns()
+    parent.add_child("failed", SpanKind.PRODUCER, started, {}, error=OSError("x"))
+    assert exporter.get_finished_spans() == ()  # exported with the parent
+    parent.end()
+
+    child, failed, finished_parent = exporter.get_finished_spans()
+    context = finished_parent.context
+    for span in (child, failed):
+        assert span.context.trace_id == context.trace_id
+        assert span.context.span_id not in (0, context.span_id)
+        assert span.parent == context
+        assert span.context.trace_flags == context.trace_flags
+        assert span.instrumentation_scope == finished_parent.instrumentation_scope
+    assert child.context.span_id != failed.context.span_id
+    assert child.start_time == started <= child.end_time <= ended
+    assert dict(child.attributes or {}) == {"n": 1}
+    assert (failed.status.status_code, failed.status.description) == (
+        StatusCode.ERROR,
+        "OSError",
+    )
+    assert [event.name for event in failed.events] == ["exception"]
+
+
+class _CountingSampler(Sampler):
+    """Samples every span, counting the calls, and drops children named 'drop me'."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: trace.TraceState | None = None,
+    ) -> SamplingResult:
+        self.calls += 1
+        if name == "drop me":
+            return SamplingResult(Decision.DROP)
+        return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+
+    def get_description(self) -> str:
+        return "counting"
+
+
+class _CountingParentBased(ParentBased):
+    def __init__(self) -> None:
+        super().__init__(ALWAYS_ON)
+        self.calls = 0
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        self.calls += 1
+        return super().should_sample(*args, **kwargs)
+
+
+def test_children_follow_the_parent_only_where_the_sampler_would(
+    pipeline: Callable[..., Any],
+) -> None:
+    """A sampler that decides per span is asked about each child, and obeyed."""
+    parent_based = _CountingParentBased()
+    tracer, exporter = pipeline(lean=True, sampler=parent_based)
+    span = tracer.start_span("parent")
+    span.add_child("drop me", SpanKind.PRODUCER, time.time_ns(), {})
+    span.end()
+    # The parent-based sampler samples every child of a sampled parent: one call.
+    assert parent_based.calls == 1
+    assert [s.name for s in exporter.get_finished_spans()] == ["drop me", "parent"]
+
+    own = _CountingSampler()
+    tracer, exporter = pipeline(lean=True, sampler=own)
+    span = tracer.start_span("parent")
+    span.add_child("drop me", SpanKind.PRODUCER, time.time_ns(), {})
+    span.add_child("keep me", SpanKind.PRODUCER, time.time_ns(), {"a": 1})
+    span.end()
+    assert own.calls == 3
+    assert [s.name for s in exporter.get_finished_spans()] == ["keep me", "parent"]
+
+
+def test_children_under_limits_take_the_full_path(
+    pipeline: Callable[..., Any],
+) -> None:
+    """Attribute limits apply to recorded children as to started ones."""
+    results = []
+    for lean in (False, True):
+        tracer, exporter = pipeline(
+            lean=lean,
+            sampler=ALWAYS_ON,
+            span_limits=SpanLimits(max_span_attributes=1, max_span_attribute_length=2),
+        )
+        with tracer.start_as_current_span("parent") as span:
+            add_child(tracer, span, "long", {"a": "abc"})
+            add_child(tracer, span, "many", {"a": 1, "b": 2})
+        views = [_view(finished) for finished in exporter.get_finished_spans()]
+        for view in views:
+            view["parent"] = view["parent"] is not None
+        results.append(views)
+    assert results[1] == results[0]
+    assert results[1][0]["attributes"] == [("a", "ab")]
+    assert results[1][1]["attributes"] == [("b", 2)]
 
 
 def test_sampler_drops_and_continues_as_configured(
