@@ -19,7 +19,7 @@ from bson import ObjectId
 from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode
 
 from service.auth import Principal
 from service.errors import (
@@ -34,7 +34,7 @@ from service.metrics import Metrics
 from service.ratelimit import TokenBucket
 from service.settings import Settings
 from service.store import message_view
-from service.tracing import ROOM_TEMPLATE, Tracing, extract_context, trace_id_of
+from service.tracing import ROOM_TEMPLATE, Tracing, extract_context
 from service.writer import BatchWriter
 
 __all__ = ["Incoming", "MessageService", "validate_payload"]
@@ -165,14 +165,14 @@ class MessageService:
         received = time.perf_counter()
         span = self._start_span(principal, payload, parent, client_id)
         self.in_flight += 1
-        trace_id = token = None
+        context = token = None
         if span is not None:
-            trace_id = trace_id_of(span.get_span_context())
+            context = span.get_span_context()
             # The span is current while the message is handled, so that log
             # lines carry its ids. trace.use_span would cost a generator.
             token = context_api.attach(trace.set_span_in_context(span))
         try:
-            ack = await self._process(principal, payload, socket_bucket, span, trace_id)
+            ack = await self._process(principal, payload, socket_bucket, span, context)
         except ChatError as error:
             self._metrics.messages.labels(outcome="rejected", code=error.code).inc()
             if span is not None:
@@ -193,8 +193,7 @@ class MessageService:
                 context_api.detach(token)
             if span is not None:
                 span.end()
-        exemplar = {"trace_id": trace_id} if trace_id else None
-        self._metrics.ack_duration.observe(elapsed, exemplar=exemplar)
+        self._metrics.ack_traced.observe(elapsed, context)
         return ack
 
     def _start_span(
@@ -229,7 +228,7 @@ class MessageService:
         payload: object,
         socket_bucket: TokenBucket | None,
         span: Span | None,
-        trace_id: str | None,
+        context: SpanContext | None,
     ) -> dict[str, Any]:
         incoming = validate_payload(payload, self._settings)
         if span is not None:
@@ -253,8 +252,7 @@ class MessageService:
             "created_at": _now_ms(),
             "indexed_at": None,
         }
-        span_context = span.get_span_context() if span is not None else None
-        future = self._writer.submit(doc, span_context)
+        future = self._writer.submit(doc, context)
         try:
             result = await future
         except asyncio.CancelledError:
@@ -283,7 +281,7 @@ class MessageService:
 
         self._accepted.inc()
         self.accepted_count += 1
-        await self._emit(principal, view, span, trace_id)
+        await self._emit(principal, view, span, context)
         self._hand_off(result.doc, span)
         return ack
 
@@ -304,7 +302,7 @@ class MessageService:
         principal: Principal,
         view: dict[str, Any],
         span: Span | None,
-        trace_id: str | None,
+        context: SpanContext | None,
     ) -> None:
         started = time.perf_counter()
         recording = _records(span)
@@ -329,10 +327,8 @@ class MessageService:
             raise
         if recording and span is not None:
             self._emit_span(span, principal, view, started_ns, sockets, error, False)
-        elapsed = time.perf_counter() - started
         # The emit span shares the message span's trace, and so its trace id.
-        exemplar = {"trace_id": trace_id} if trace_id else None
-        self._metrics.fanout_duration.observe(elapsed, exemplar=exemplar)
+        self._metrics.fanout_traced.observe(time.perf_counter() - started, context)
 
     def _emit_span(
         self,

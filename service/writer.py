@@ -38,7 +38,7 @@ from service.logs import log_kpi
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import Document, MessageStore
-from service.tracing import Tracing, trace_id_of
+from service.tracing import Tracing
 
 __all__ = ["BatchWriter", "WriteResult"]
 
@@ -249,10 +249,9 @@ class BatchWriter:
         error: PyMongoError | None,
         write_errors: dict[int, dict[str, Any]],
     ) -> None:
-        exemplar = None
+        context = None
         if span is not None:
-            trace_id = trace_id_of(span.get_span_context())
-            exemplar = {"trace_id": trace_id} if trace_id else None
+            context = span.get_span_context()
             if error is not None:
                 span.record_exception(error)
                 span.set_status(Status(StatusCode.ERROR, type(error).__name__))
@@ -261,7 +260,7 @@ class BatchWriter:
             span.set_attribute("chat.batch.duplicates", len(write_errors))
             span.end()
 
-        self._metrics.mongo_write_duration.observe(elapsed, exemplar=exemplar)
+        self._metrics.mongo_write_traced.observe(elapsed, context)
         self._metrics.mongo_write_batch_size.observe(size)
         if error is not None:
             self._metrics.mongo_write_errors.labels(error=_error_kind(error)).inc()

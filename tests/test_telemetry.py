@@ -17,10 +17,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanContext, TraceFlags
+from prometheus_client import Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.embedded import free_port
 from service.logs import JsonFormatter, _timestamp
+from service.metrics import TracedHistogram
 from tests.conftest import RunningGateway, eventually, http
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -259,6 +262,43 @@ async def test_exemplars_in_openmetrics(
         trace_id = line.split('trace_id="')[1].split('"')[0]
         assert trace_id in trace_ids
     assert "# {trace_id=" not in plain.text
+
+
+def _exemplars(histogram: Histogram) -> dict[str, str]:
+    return {
+        sample.labels["le"]: sample.exemplar.labels["trace_id"]
+        for family in histogram.collect()
+        for sample in family.samples
+        if sample.name.endswith("_bucket") and sample.exemplar is not None
+    }
+
+
+def test_exemplars_renewed_once_a_second_per_bucket() -> None:
+    """A busy bucket keeps its exemplar for a second; a quiet one takes each."""
+    now = [100.0]
+    histogram = Histogram("latency_seconds", "", buckets=(0.01, 0.1), registry=None)
+    traced = TracedHistogram(histogram, (0.01, 0.1), clock=lambda: now[0])
+
+    def context(trace_id: int, sampled: bool = True) -> SpanContext:
+        flags = TraceFlags(TraceFlags.SAMPLED if sampled else 0)
+        return SpanContext(trace_id, 1, is_remote=False, trace_flags=flags)
+
+    traced.observe(0.005, context(1))
+    traced.observe(0.006, context(2))  # same bucket, within the second
+    traced.observe(0.05, context(3))  # another bucket
+    traced.observe(5.0, context(4))  # +Inf
+    traced.observe(0.007, context(5, sampled=False))
+    traced.observe(0.008)
+    assert _exemplars(histogram) == {
+        "0.01": format(1, "032x"),
+        "0.1": format(3, "032x"),
+        "+Inf": format(4, "032x"),
+    }
+    assert histogram.collect()[0].samples[0].value == 4  # every value counted
+
+    now[0] += 1.0
+    traced.observe(0.009, context(6))
+    assert _exemplars(histogram)["0.01"] == format(6, "032x")
 
 
 async def test_loop_lag_catches_200ms_block(gateway: RunningGateway) -> None:
