@@ -67,6 +67,11 @@ _CACHE_MAX = 4096
 # The fixed-size fields of a span, packed in one call each.
 _IDS = struct.Struct(">2sQQ2sQ")  # trace id (two halves) and span id, big-endian
 _PARENT = struct.Struct(">2sQ")
+# A link without attributes: its tag and length (33 bytes), trace id and span
+# id, then its flags (_LINK_LOCAL or _LINK_REMOTE).
+_LINK = struct.Struct(">4sQQ2sQ")
+_LINK_LOCAL = b"\x35" + _FLAGS_LOCAL
+_LINK_REMOTE = b"\x35" + _FLAGS_REMOTE
 _TIMES = struct.Struct("<cQcQ")  # start and end, fixed64
 # Values of these types repeat from span to span; floats seldom do.
 _CACHED = frozenset({str, bool, int})
@@ -333,6 +338,20 @@ class _Encoder:
         parts = []
         for link in span.links:
             linked = link.context
+            if not link.attributes and not link.dropped_attributes:
+                # The common case, a link to a message span: a fixed size.
+                trace_id = linked.trace_id
+                parts.append(
+                    _LINK.pack(
+                        b"\x6a\x21\x0a\x10",
+                        trace_id >> 64,
+                        trace_id & _UINT64,
+                        b"\x12\x08",
+                        linked.span_id,
+                    )
+                    + (_LINK_REMOTE if linked.is_remote else _LINK_LOCAL)
+                )
+                continue
             body = b"\x0a\x10" + linked.trace_id.to_bytes(16, "big")
             body += b"\x12\x08" + linked.span_id.to_bytes(8, "big")
             body += self.attributes(b"\x22", link.attributes)
