@@ -89,7 +89,7 @@ class TracedHistogram:
         self._clock = clock
 
     def observe(self, amount: float, context: SpanContext | None = None) -> None:
-        """Observe ``amount``; a sampled span context may become the exemplar."""
+        """Observe ``amount``, with a sampled span context as a possible exemplar."""
         if context is not None and context.trace_flags.sampled:
             bucket = bisect_left(self._bounds, amount)
             now = self._clock()

@@ -545,7 +545,7 @@ class SpanQueue:
         self._thread.start()
 
     def add(self, span: Any) -> None:
-        """Encode a finished, sampled span and its children, queue them; never raises."""
+        """Encode a finished, sampled span and its children and queue them, logging any error."""
         spans = self._spans
         count = 1 + len(span.children)
         if len(spans) + count > self._max_queue_size or self._stopping:

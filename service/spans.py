@@ -13,6 +13,12 @@ and ``OTEL_SPAN_*_LIMIT`` apply as they do to SDK spans, and a finished span
 reaches the processors as an SDK ``ReadableSpan``, or a ``SpanQueue`` as
 encoded bytes. Two things of the SDK are left out: its own self-metrics, and
 the experimental "on ending" processor hook.
+
+``LeanSpan.add_child`` records a short child step, such as the fan-out of a
+message, on its parent, and the child is exported when the parent ends.
+Even a lean span cost several times more to start and end inside the
+gateway than in a ``timeit`` loop, and recording the fan-out this way took
+about 7% off the CPU time per traced message.
 """
 
 from __future__ import annotations
@@ -407,10 +413,11 @@ class LeanSpan(_DropCounts, trace.Span):
         For a short step of this span's work, such as the fan-out of a
         message, this costs a fraction of starting and ending a span: no
         sampler call, no span context and no processor call until the parent
-        ends. The child takes the parent's sampling decision, so this path
-        is taken only with the samplers that sample every child of a sampled
-        span (all the built-in ones) and with the default attribute limits.
-        Otherwise the child is started and ended as any other span.
+        ends. The child takes the parent's sampling decision. So this path
+        needs a sampler that samples every child of a sampled span (all the
+        built-in ones do), no attribute length limit, and no more attributes
+        than the count limit. Otherwise the child is started and ended as
+        any other span.
 
         ``error``, if given, is recorded as an exception event, and sets the
         status to ERROR with the exception's type name.
@@ -499,7 +506,7 @@ class LeanSpan(_DropCounts, trace.Span):
         queue = self.tracer.queue
         if queue is None:
             processor = self.tracer.processor
-            for child in self.children:  # children end first, as they did
+            for child in self.children:  # before the parent, as SDK spans end
                 processor.on_end(_FinishedChild(self, child))
             processor.on_end(_FinishedSpan(self, self.end_time))
         elif self.context.trace_flags.sampled:
@@ -690,9 +697,8 @@ def _samples_children(sampler: Sampler) -> bool:
     """Return whether ``sampler`` samples every child of a sampled local span.
 
     The static samplers and the trace id ratio decide the same for every
-    span of a trace, and the parent-based ones (all of those that
-    ``OTEL_TRACES_SAMPLER`` names) sample the children of a sampled local
-    parent unless given another sampler for them.
+    span of a trace. The parent-based samplers sample the children of a
+    sampled local parent, unless built in code with another sampler for them.
     """
     if isinstance(sampler, ParentBased):
         return getattr(sampler, "_local_parent_sampled", None) is ALWAYS_ON

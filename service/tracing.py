@@ -199,7 +199,7 @@ class Tracing:
     ) -> None:
         """Record a child of ``parent`` that started at ``start_time`` and ends now.
 
-        A ``LeanSpan`` records it cheaply (``LeanSpan.add_child``); with any
+        A ``LeanSpan`` records it cheaply (``LeanSpan.add_child``). With any
         other span, the child is started and ended through the tracer.
         """
         if isinstance(parent, LeanSpan):
