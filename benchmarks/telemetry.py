@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import harness
+from benchmarks.speed_probe import SpeedProbe
 from service.loadtest.plan import plan_single
 from service.loadtest.runner import LoadTestOptions, default_processes, run_load_test
 
@@ -138,7 +139,11 @@ def _fixed_load_round(
         metrics_url=server.url + "/metrics",
         server_pid=server.pid,
     )
-    step = run_load_test(options, progress=None).steps[0]
+    probe = SpeedProbe().start()
+    try:
+        step = run_load_test(options, progress=None).steps[0]
+    finally:
+        probe.stop()
     cpu = step.server_processes_cpu or {}
     server_figures = step.server or {}
     return {
@@ -157,6 +162,8 @@ def _fixed_load_round(
         # Each batch costs the gateway a round trip: fewer, larger batches
         # lower its CPU time per message.
         "batch_size_mean": server_figures.get("batch_size_mean"),
+        # The machine's speed during the round: CPU µs of one probe unit.
+        "probe_unit_us": probe.median_us(),
         "uptime": harness.uptime(),
     }
 
@@ -187,7 +194,8 @@ def _fixed_load(
             print(
                 f"  round {number} [{name}] {figures['achieved_per_second']}/s, "
                 f"p95 ack {figures['ack_p95_ms']} ms, gateway CPU "
-                f"{figures['gateway_cpu_ms_per_message']} ms/msg",
+                f"{figures['gateway_cpu_ms_per_message']} ms/msg, probe unit "
+                f"{figures['probe_unit_us']} µs",
                 flush=True,
             )
     summary: dict[str, Any] = {}
@@ -209,6 +217,18 @@ def _fixed_load(
         # With the gateway process as the limit, throughput is inversely
         # proportional to its CPU time per message.
         figures["throughput_ratio_to_off"] = round(1 / statistics.median(paired), 3)
+        # The same ratio with each round's CPU time divided by the probe's unit
+        # time, which takes out the machine's drift between the two turns.
+        adjusted = [
+            ratio * off["probe_unit_us"] / run["probe_unit_us"]
+            for ratio, run, off in zip(paired, rounds[name], rounds["off"], strict=True)
+            if run["probe_unit_us"] and off["probe_unit_us"]
+        ]
+        if adjusted:
+            figures["speed_adjusted_ratio_to_off"] = round(
+                statistics.median(adjusted), 3
+            )
+            figures["speed_adjusted_ratio_by_round"] = [round(r, 3) for r in adjusted]
     return summary
 
 
@@ -307,6 +327,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{figures['ack_p50_ms']}/{figures['ack_p95_ms']} ms; rounds "
             + ", ".join(f"x{ratio}" for ratio in figures["cpu_ratio_by_round"])
         )
+        if "speed_adjusted_ratio_to_off" in figures:
+            print(
+                f"{'':8} adjusted for the machine's speed: "
+                f"x{figures['speed_adjusted_ratio_to_off']}; rounds "
+                + ", ".join(
+                    f"x{ratio}" for ratio in figures["speed_adjusted_ratio_by_round"]
+                )
+            )
     for name, figures in results.get("ramps", {}).items():
         print(
             f"{name:8} ramp: sustains {figures['sustainable_per_second']} msg/s "
