@@ -1,4 +1,4 @@
-"""How fast the machine runs Python code at the moment: a yardstick for CPU times.
+"""The machine's current speed at running Python code: a yardstick for CPU times.
 
 On a shared virtual machine, the CPU time that the same process needs for the
 same work drifts by 10% or more within minutes: other guests compete for

@@ -456,7 +456,7 @@ def test_queue_drops_beyond_its_size_and_counts(
     assert "span queue full (3 spans)" in caplog.text
 
 
-def test_queue_takes_a_span_with_its_children_or_drops_all(
+def test_queue_keeps_children_with_parent(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Recorded children are queued with their parent, as spans of its trace."""

@@ -185,7 +185,7 @@ def test_child_of_current_span(
     assert inner.context.trace_flags.sampled
 
 
-def test_recorded_children_are_spans_of_their_parent(
+def test_recorded_child_exported_with_parent(
     pipeline: Callable[..., Any],
 ) -> None:
     """A child recorded with add_child is exported as a child span, with its times."""
@@ -217,7 +217,7 @@ def test_recorded_children_are_spans_of_their_parent(
 
 
 class _CountingSampler(Sampler):
-    """Samples every span, counting the calls, and drops children named 'drop me'."""
+    """Counts its calls, drops spans named 'drop me' and samples the rest."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -251,7 +251,7 @@ class _CountingParentBased(ParentBased):
         return super().should_sample(*args, **kwargs)
 
 
-def test_children_follow_the_parent_only_where_the_sampler_would(
+def test_child_sampling_follows_sampler(
     pipeline: Callable[..., Any],
 ) -> None:
     """A sampler that decides per span is asked about each child, and obeyed."""
@@ -274,7 +274,7 @@ def test_children_follow_the_parent_only_where_the_sampler_would(
     assert [s.name for s in exporter.get_finished_spans()] == ["keep me", "parent"]
 
 
-def test_children_under_limits_take_the_full_path(
+def test_child_under_limits_started(
     pipeline: Callable[..., Any],
 ) -> None:
     """Attribute limits apply to recorded children as to started ones."""
