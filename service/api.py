@@ -160,9 +160,14 @@ async def send(request: Request, task: str, principal: Auth, body: SendRequest) 
     _own_task(principal, task)
     gateway = gateway_of(request)
     payload = body.model_dump(exclude_none=True)
+    tracestate = None
     if payload.get("traceparent") is None and request.headers.get("traceparent"):
         payload["traceparent"] = request.headers["traceparent"]
-    ack = await gateway.service.handle(principal, payload, socket_bucket=None)
+        # The W3C header may come as several lines: together they are one list.
+        tracestate = ",".join(request.headers.getlist("tracestate")) or None
+    ack = await gateway.service.handle(
+        principal, payload, socket_bucket=None, tracestate=tracestate
+    )
     if not ack["ok"]:
         status = gateway.error_status(ack["error"]["code"])
         return JSONResponse(ack, status_code=status)

@@ -201,7 +201,13 @@ class Indexer:
         self.last_error = None
 
     async def _index(self, batch: list[IndexItem]) -> None:
-        links = [Link(i.span_context) for i in batch if i.span_context is not None]
+        # Only sampled message spans are exported: a link to any other would
+        # point at a span that no backend has.
+        links = [
+            Link(i.span_context)
+            for i in batch
+            if i.span_context is not None and i.span_context.trace_flags.sampled
+        ]
         tracer = self._tracing.tracer
         with tracer.start_as_current_span(
             "index messages",

@@ -160,10 +160,15 @@ class MessageService:
         socket_bucket: TokenBucket | None,
         parent: Context | None = None,
         client_id: str | None = None,
+        tracestate: str | None = None,
     ) -> dict[str, Any]:
-        """Run the pipeline for one payload and return the ack to send."""
+        """Run the pipeline for one payload and return the ack to send.
+
+        ``tracestate`` is the W3C header that came with the payload's
+        ``traceparent`` (the REST route's headers).
+        """
         received = time.perf_counter()
-        span = self._start_span(principal, payload, parent, client_id)
+        span = self._start_span(principal, payload, parent, client_id, tracestate)
         self.in_flight += 1
         context = token = None
         if span is not None:
@@ -202,13 +207,14 @@ class MessageService:
         payload: object,
         parent: Context | None,
         client_id: str | None,
+        tracestate: str | None,
     ) -> Span | None:
         if not self._tracing.enabled:
             return None
         traceparent = payload.get("traceparent") if isinstance(payload, dict) else None
         return self._tracing.tracer.start_span(
             _MESSAGE_SPAN,
-            context=extract_context(traceparent) or parent,
+            context=extract_context(traceparent, tracestate) or parent,
             kind=SpanKind.CONSUMER,
             attributes={
                 "messaging.system": "socketio",

@@ -76,6 +76,7 @@ _TIMES = struct.Struct("<cQcQ")  # start and end, fixed64
 # Values of these types repeat from span to span; floats seldom do.
 _CACHED = frozenset({str, bool, int})
 _MISSES_BEFORE_BYPASS = 256
+_DROP_WARNING_SECONDS = 10.0
 # Span.kind: the API's kinds count from 0, the protocol's from 1 (unspecified is 0).
 _KINDS = {id(kind): b"\x30" + bytes([kind.value + 1]) for kind in SpanKind}
 
@@ -507,7 +508,10 @@ class SpanQueue:
     The batching settings are the batch span processor's: ``OTEL_BSP_MAX_QUEUE_SIZE``
     spans at most wait (more are dropped and counted), and a batch of up to
     ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` goes out every ``OTEL_BSP_SCHEDULE_DELAY``
-    ms, or as soon as that many wait.
+    ms, or as soon as that many wait. A span and the children recorded on it
+    are queued or dropped together, so that no child arrives without its
+    parent. A warning with the count so far is logged at the first drop and
+    then at most every 10 s.
     """
 
     def __init__(
@@ -539,6 +543,7 @@ class SpanQueue:
         self._sending = threading.Lock()
         self._stopping = False
         self.dropped = 0
+        self._next_drop_warning = 0.0
         self._thread = threading.Thread(
             target=self._run, name="otlp-span-queue", daemon=True
         )
@@ -550,7 +555,9 @@ class SpanQueue:
         count = 1 + len(span.children)
         if len(spans) + count > self._max_queue_size or self._stopping:
             self.dropped += count
-            if self.dropped == count or self.dropped % 10_000 < count:
+            now = time.monotonic()
+            if now >= self._next_drop_warning:  # the first, then every 10 s at most
+                self._next_drop_warning = now + _DROP_WARNING_SECONDS
                 logger.warning(
                     "span queue full (%d spans) or shut down: %d spans dropped so far",
                     self._max_queue_size,

@@ -71,6 +71,7 @@ logger = logging.getLogger("chat.tracing")
 ROOM_TEMPLATE = "task:{task_id}"
 _propagator = TraceContextTextMapPropagator()
 _MAX_TRACEPARENT_CHARS = 128
+_MAX_TRACESTATE_CHARS = 512
 
 
 def _endpoint_configured(environ: Mapping[str, str]) -> bool:
@@ -114,7 +115,9 @@ def create_tracer_provider(
     has_name = "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
     if not environ.get("OTEL_SERVICE_NAME") and not has_name:
         attributes["service.name"] = "chat-gateway"
-    return GatewayTracerProvider(Resource.create(attributes), _otlp_exporter(environ))
+    return GatewayTracerProvider(
+        Resource.create(attributes), _otlp_exporter(environ), environ
+    )
 
 
 def _bsp_setting(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -144,16 +147,36 @@ class GatewayTracerProvider(TracerProvider):
     ) -> None:
         from service.otlp import SpanQueue  # with the exporter's HTTP stack
 
-        super().__init__(resource=resource)
         environ = os.environ if environ is None else environ
-        self.add_span_processor(BatchSpanProcessor(exporter))
+        queue_size = _bsp_setting(environ, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
+        batch_size = _bsp_setting(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
+        delay_ms = _bsp_setting(environ, "OTEL_BSP_SCHEDULE_DELAY", 5000)
+        if batch_size > queue_size:
+            # The SDK's processor raises on this, because a batch cannot exceed the queue.
+            logger.warning(
+                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE=%d is larger than "
+                "OTEL_BSP_MAX_QUEUE_SIZE=%d: sending batches of %d spans",
+                batch_size,
+                queue_size,
+                queue_size,
+            )
+            batch_size = queue_size
         self.span_queue = SpanQueue(
             exporter.send_encoded,
             resource,
             InstrumentationScope("chat-gateway", __version__),
-            max_queue_size=_bsp_setting(environ, "OTEL_BSP_MAX_QUEUE_SIZE", 2048),
-            batch_size=_bsp_setting(environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
-            delay_seconds=_bsp_setting(environ, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000,
+            max_queue_size=queue_size,
+            batch_size=batch_size,
+            delay_seconds=delay_ms / 1000,
+        )
+        super().__init__(resource=resource)
+        self.add_span_processor(
+            BatchSpanProcessor(
+                exporter,
+                max_queue_size=queue_size,
+                schedule_delay_millis=delay_ms,
+                max_export_batch_size=batch_size,
+            )
         )
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
@@ -225,11 +248,18 @@ class Tracing:
             shutdown()
 
 
-def extract_context(traceparent: object) -> Context | None:
-    """Return the context a W3C ``traceparent`` value names, if it is valid."""
+def extract_context(traceparent: object, tracestate: object = None) -> Context | None:
+    """Return the context a W3C ``traceparent`` value names, if it is valid.
+
+    A ``tracestate`` of up to 512 characters is continued with it: W3C Trace
+    Context recommends that vendors propagate at least that much.
+    """
     if not isinstance(traceparent, str) or len(traceparent) > _MAX_TRACEPARENT_CHARS:
         return None
-    context = _propagator.extract({"traceparent": traceparent})
+    carrier = {"traceparent": traceparent}
+    if isinstance(tracestate, str) and len(tracestate) <= _MAX_TRACESTATE_CHARS:
+        carrier["tracestate"] = tracestate
+    context = _propagator.extract(carrier)
     span_context = trace.get_current_span(context).get_span_context()
     return context if span_context.is_valid else None
 

@@ -223,7 +223,13 @@ class BatchWriter:
     def _start_span(self, batch: list[_Pending], batch_id: int) -> Any:
         if not self._tracing.enabled:
             return None
-        links = [Link(p.span_context) for p in batch if p.span_context is not None]
+        # Only sampled message spans are exported: a link to any other would
+        # point at a span that no backend has.
+        links = [
+            Link(p.span_context)
+            for p in batch
+            if p.span_context is not None and p.span_context.trace_flags.sampled
+        ]
         attributes: dict[str, Any] = {
             "db.system.name": "mongodb",
             "db.namespace": self._store.database_name,

@@ -243,6 +243,36 @@ def test_http_exporter_delivers(
     assert ExportTraceServiceRequest.FromString(body) == official_encode(spans)
 
 
+def test_provider_caps_batch_at_queue_size(
+    collector_port: int,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A queue smaller than the default batch: a warning, and spans still go out."""
+    monkeypatch.setenv(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector_port}"
+    )
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "3")
+    with caplog.at_level(logging.WARNING, logger="chat.tracing"):
+        provider = create_tracer_provider()
+    assert provider is not None
+    assert "OTEL_BSP_MAX_EXPORT_BATCH_SIZE=512 is larger than" in caplog.text
+    tracing = Tracing(provider)
+    for number in range(2):
+        tracing.tracer.start_span(f"span {number}").end()
+    assert provider.force_flush()
+    tracing.shutdown()
+
+    names = [
+        span.name
+        for body in _Collector.bodies
+        for resource in ExportTraceServiceRequest.FromString(body).resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+    ]
+    assert names == ["span 0", "span 1"]
+
+
 @pytest.mark.parametrize("bypassed", [False, True])
 def test_http_exporter_uses_environment_proxies(
     spans: list[ReadableSpan],

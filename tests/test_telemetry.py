@@ -133,6 +133,10 @@ async def test_unsampled_client_trace_makes_no_spans(
     trace_id = int(TRACEPARENT.split("-")[1], 16)
     finished = exporter.get_finished_spans()
     assert [s.name for s in finished if s.context.trace_id == trace_id] == []
+    # Batch spans link only to message spans that were exported.
+    assert _by_name(finished, "insert messages")
+    linked = {link.context.trace_id for s in finished for link in s.links}
+    assert trace_id not in linked
     (message,) = _by_name(finished, "send_message task:{task_id}")
     assert traced.parent is not None
     assert traced.parent.span_id == message.context.span_id
@@ -152,12 +156,15 @@ async def test_rest_send_continues_header_trace(
         await api.post(
             "/api/tasks/t1/messages",
             json={"client_msg_id": "rest-tp", "text": "over HTTP"},
-            headers={"traceparent": TRACEPARENT},
+            headers={"traceparent": TRACEPARENT, "tracestate": "vendor=abc,other=x1"},
         )
     finished = exporter.get_finished_spans()
 
     (message,) = _by_name(finished, "send_message task:{task_id}")
+    (emit,) = _by_name(finished, "emit task:{task_id}")
     assert format(message.context.trace_id, "032x") == TRACEPARENT.split("-")[1]
+    for span in (message, emit):
+        assert dict(span.context.trace_state) == {"vendor": "abc", "other": "x1"}
     http_names = {
         span.name
         for span in finished
@@ -273,8 +280,8 @@ def _exemplars(histogram: Histogram) -> dict[str, str]:
     }
 
 
-def test_exemplars_renewed_once_a_second_per_bucket() -> None:
-    """A busy bucket keeps its exemplar for a second; a quiet one takes each."""
+def test_exemplar_renewal_per_bucket() -> None:
+    """A busy bucket keeps its exemplar for a second, and a quiet one takes each."""
     now = [100.0]
     histogram = Histogram("latency_seconds", "", buckets=(0.01, 0.1), registry=None)
     traced = TracedHistogram(histogram, (0.01, 0.1), clock=lambda: now[0])
