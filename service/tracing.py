@@ -71,7 +71,6 @@ logger = logging.getLogger("chat.tracing")
 ROOM_TEMPLATE = "task:{task_id}"
 _propagator = TraceContextTextMapPropagator()
 _MAX_TRACEPARENT_CHARS = 128
-_MAX_TRACESTATE_CHARS = 512
 
 
 def _endpoint_configured(environ: Mapping[str, str]) -> bool:
@@ -154,8 +153,9 @@ class GatewayTracerProvider(TracerProvider):
         if batch_size > queue_size:
             # The SDK's processor raises on this, because a batch cannot exceed the queue.
             logger.warning(
-                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE=%d is larger than "
-                "OTEL_BSP_MAX_QUEUE_SIZE=%d: sending batches of %d spans",
+                "the export batch of %d spans (OTEL_BSP_MAX_EXPORT_BATCH_SIZE, "
+                "512 by default) is larger than the queue of %d spans "
+                "(OTEL_BSP_MAX_QUEUE_SIZE): sending batches of %d spans",
                 batch_size,
                 queue_size,
                 queue_size,
@@ -251,13 +251,13 @@ class Tracing:
 def extract_context(traceparent: object, tracestate: object = None) -> Context | None:
     """Return the context a W3C ``traceparent`` value names, if it is valid.
 
-    A ``tracestate`` of up to 512 characters is continued with it: W3C Trace
-    Context recommends that vendors propagate at least that much.
+    A ``tracestate`` is continued with it, as the HTTP instrumentation
+    continues it for the route's span.
     """
     if not isinstance(traceparent, str) or len(traceparent) > _MAX_TRACEPARENT_CHARS:
         return None
     carrier = {"traceparent": traceparent}
-    if isinstance(tracestate, str) and len(tracestate) <= _MAX_TRACESTATE_CHARS:
+    if isinstance(tracestate, str):
         carrier["tracestate"] = tracestate
     context = _propagator.extract(carrier)
     span_context = trace.get_current_span(context).get_span_context()

@@ -256,7 +256,8 @@ def test_provider_caps_batch_at_queue_size(
     with caplog.at_level(logging.WARNING, logger="chat.tracing"):
         provider = create_tracer_provider()
     assert provider is not None
-    assert "OTEL_BSP_MAX_EXPORT_BATCH_SIZE=512 is larger than" in caplog.text
+    assert "the export batch of 512 spans" in caplog.text
+    assert "sending batches of 3 spans" in caplog.text
     tracing = Tracing(provider)
     for number in range(2):
         tracing.tracer.start_span(f"span {number}").end()
