@@ -233,26 +233,11 @@ class _Encoder:
         context = span.context
         assert context is not None  # a finished SDK span always has one
         parent = span.parent
-        trace_id = context.trace_id
-        parts = [
-            _IDS.pack(
-                b"\x0a\x10",
-                trace_id >> 64,
-                trace_id & _UINT64,
-                b"\x12\x08",
-                context.span_id,
-            )
-        ]
-        if context.trace_state:
-            parts.append(_field(b"\x1a", _trace_state(context)))
-        if parent is not None:
-            parts.append(_PARENT.pack(b"\x22\x08", parent.span_id))
-
-        name_and_kind = self._names.get((span.name, id(span.kind)))
-        if name_and_kind is None:
-            name_and_kind = self._name_and_kind(span)
+        parts = self._head(
+            context, context.span_id, parent.span_id if parent is not None else None
+        )
         parts += (
-            name_and_kind,
+            self._name_and_kind(span.name, span.kind),
             _TIMES.pack(b"\x39", span.start_time or 0, b"\x41", span.end_time or 0),
             self.attributes(b"\x4a", span.attributes),
         )
@@ -268,16 +253,7 @@ class _Encoder:
         if span.dropped_links:
             parts.append(b"\x70" + _varint(span.dropped_links))
 
-        status = span.status
-        remote = parent is not None and parent.is_remote
-        if status.status_code is StatusCode.UNSET and not status.description:
-            parts.append(_TAIL_REMOTE if remote else _TAIL_LOCAL)
-        else:
-            parts += (
-                _field(b"\x7a", _status(status)),
-                b"\x85\x01",
-                _FLAGS_REMOTE if remote else _FLAGS_LOCAL,
-            )
+        parts += _tail(span.status, parent is not None and parent.is_remote)
         return b"".join(parts)
 
     def child(self, parent: Any, child: Any) -> bytes:
@@ -287,41 +263,40 @@ class _Encoder:
         for its parent, no links, and at most its one exception event.
         """
         context = parent.context
-        trace_id = context.trace_id
-        parts = [
-            _IDS.pack(
-                b"\x0a\x10",
-                trace_id >> 64,
-                trace_id & _UINT64,
-                b"\x12\x08",
-                child.span_id,
-            )
-        ]
-        if context.trace_state:
-            parts.append(_field(b"\x1a", _trace_state(context)))
-        parts.append(_PARENT.pack(b"\x22\x08", context.span_id))
-        name_and_kind = self._names.get((child.name, id(child.kind)))
-        if name_and_kind is None:
-            name_and_kind = self._name_and_kind(child)
+        parts = self._head(context, child.span_id, context.span_id)
         parts += (
-            name_and_kind,
+            self._name_and_kind(child.name, child.kind),
             _TIMES.pack(b"\x39", child.start_time, b"\x41", child.end_time),
             self.attributes(b"\x4a", child.attributes),
         )
         if child.events:
             parts += self._events(child)
-        status = child.status
-        if status.status_code is StatusCode.UNSET:
-            parts.append(_TAIL_LOCAL)
-        else:
-            parts += (_field(b"\x7a", _status(status)), b"\x85\x01", _FLAGS_LOCAL)
+        parts += _tail(child.status, False)
         return b"".join(parts)
 
-    def _name_and_kind(self, span: Any) -> bytes:
-        if len(self._names) >= _CACHE_MAX:
-            self._names.clear()
-        encoded = _field(b"\x2a", span.name.encode()) + _KINDS[id(span.kind)]
-        self._names[(span.name, id(span.kind))] = encoded
+    @staticmethod
+    def _head(context: SpanContext, span_id: int, parent_id: int | None) -> list[bytes]:
+        """Return the fields of a span's ids: trace, span, trace state and parent."""
+        trace_id = context.trace_id
+        parts = [
+            _IDS.pack(
+                b"\x0a\x10", trace_id >> 64, trace_id & _UINT64, b"\x12\x08", span_id
+            )
+        ]
+        if context.trace_state:
+            parts.append(_field(b"\x1a", _trace_state(context)))
+        if parent_id is not None:
+            parts.append(_PARENT.pack(b"\x22\x08", parent_id))
+        return parts
+
+    def _name_and_kind(self, name: str, kind: SpanKind) -> bytes:
+        """Return the name and kind fields of a span, from the cache when there."""
+        encoded = self._names.get((name, id(kind)))
+        if encoded is None:
+            if len(self._names) >= _CACHE_MAX:
+                self._names.clear()
+            encoded = _field(b"\x2a", name.encode()) + _KINDS[id(kind)]
+            self._names[(name, id(kind))] = encoded
         return encoded
 
     def _events(self, span: ReadableSpan) -> list[bytes]:
@@ -393,6 +368,14 @@ class _Encoder:
 
 def _trace_state(context: SpanContext) -> bytes:
     return ",".join(f"{k}={v}" for k, v in context.trace_state.items()).encode()
+
+
+def _tail(status: Status, remote_parent: bool) -> tuple[bytes, ...]:
+    """Return the status and flags fields that end a span."""
+    if status.status_code is StatusCode.UNSET and not status.description:
+        return (_TAIL_REMOTE if remote_parent else _TAIL_LOCAL,)
+    flags = _FLAGS_REMOTE if remote_parent else _FLAGS_LOCAL
+    return (_field(b"\x7a", _status(status)), b"\x85\x01", flags)
 
 
 def _status(status: Status) -> bytes:
