@@ -62,7 +62,7 @@ from opentelemetry.util.types import Attributes, AttributeValue
 if TYPE_CHECKING:
     from service.otlp import SpanQueue
 
-__all__ = ["LeanSpan", "LeanTracer"]
+__all__ = ["LeanSpan", "LeanTracer", "start_child"]
 
 logger = logging.getLogger("chat.spans")
 
@@ -431,8 +431,16 @@ class LeanSpan(_DropCounts, trace.Span):
             or len(attributes) > tracer.limits.attributes
             or (error is not None and tracer.limits.events < 1)
         ):
-            self._start_child(
-                name, kind, start_time, end_time, attributes, error, escaped
+            start_child(
+                tracer,
+                self,
+                name,
+                kind,
+                start_time,
+                end_time,
+                attributes,
+                error,
+                escaped,
             )
             return
         status = _UNSET
@@ -458,28 +466,6 @@ class LeanSpan(_DropCounts, trace.Span):
             self.children.append(child)
         else:
             self.children = [child]
-
-    def _start_child(
-        self,
-        name: str,
-        kind: SpanKind,
-        start_time: int,
-        end_time: int,
-        attributes: dict[str, AttributeValue],
-        error: BaseException | None,
-        escaped: bool,
-    ) -> None:
-        child = self.tracer.start_span(
-            name,
-            context=trace.set_span_in_context(self),
-            kind=kind,
-            attributes=attributes,
-            start_time=start_time,
-        )
-        if error is not None:
-            child.record_exception(error, escaped=escaped, timestamp=end_time)
-            child.set_status(Status(StatusCode.ERROR, type(error).__name__))
-        child.end(end_time)
 
     def __exit__(
         self,
@@ -691,6 +677,35 @@ class LeanTracer(trace.Tracer):
             set_status_on_exception=set_status_on_exception,
         ) as current:
             yield current
+
+
+def start_child(
+    tracer: trace.Tracer,
+    parent: trace.Span,
+    name: str,
+    kind: SpanKind,
+    start_time: int,
+    end_time: int,
+    attributes: dict[str, AttributeValue],
+    error: BaseException | None = None,
+    escaped: bool = False,
+) -> None:
+    """Start and end a child span of ``parent`` through ``tracer``, with its times.
+
+    ``error``, if given, is recorded as an exception event, and sets the
+    status to ERROR with the exception's type name.
+    """
+    child = tracer.start_span(
+        name,
+        context=trace.set_span_in_context(parent),
+        kind=kind,
+        attributes=attributes,
+        start_time=start_time,
+    )
+    if error is not None:
+        child.record_exception(error, escaped=escaped, timestamp=end_time)
+        child.set_status(Status(StatusCode.ERROR, type(error).__name__))
+    child.end(end_time)
 
 
 def _samples_children(sampler: Sampler) -> bool:

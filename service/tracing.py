@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,12 +51,12 @@ from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanContext, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
 from service import __version__
-from service.spans import LeanSpan, LeanTracer
+from service.spans import LeanSpan, LeanTracer, start_child
 
 __all__ = [
     "ROOM_TEMPLATE",
@@ -230,17 +231,17 @@ class Tracing:
                 name, kind, start_time, attributes, error=error, escaped=escaped
             )
             return
-        child = self.tracer.start_span(
+        start_child(
+            self.tracer,
+            parent,
             name,
-            context=trace.set_span_in_context(parent),
-            kind=kind,
-            attributes=attributes,
-            start_time=start_time,
+            kind,
+            start_time,
+            time.time_ns(),
+            attributes,
+            error,
+            escaped,
         )
-        if error is not None:
-            child.record_exception(error, escaped=escaped)
-            child.set_status(Status(StatusCode.ERROR, type(error).__name__))
-        child.end()
 
     def shutdown(self) -> None:
         shutdown = getattr(self.provider, "shutdown", None)
