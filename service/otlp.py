@@ -233,9 +233,8 @@ class _Encoder:
         context = span.context
         assert context is not None  # a finished SDK span always has one
         parent = span.parent
-        parts = self._head(
-            context, context.span_id, parent.span_id if parent is not None else None
-        )
+        parent_id = None if parent is None else parent.span_id
+        parts = self._head(context, context.span_id, parent_id)
         parts += (
             self._name_and_kind(span.name, span.kind),
             _TIMES.pack(b"\x39", span.start_time or 0, b"\x41", span.end_time or 0),
