@@ -36,10 +36,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
+
+from service.spans import UNSET_STATUS, LeanSpan
 
 __all__ = ["HttpSpanExporter", "SpanQueue", "encode_spans", "grpc_span_exporter"]
 
@@ -73,8 +75,6 @@ _LINK = struct.Struct(">4sQQ2sQ")
 _LINK_LOCAL = b"\x35" + _FLAGS_LOCAL
 _LINK_REMOTE = b"\x35" + _FLAGS_REMOTE
 _TIMES = struct.Struct("<cQcQ")  # start and end, fixed64
-# Values of these types repeat from span to span; floats seldom do.
-_CACHED = frozenset({str, bool, int})
 _MISSES_BEFORE_BYPASS = 256
 _DROP_WARNING_SECONDS = 10.0
 # Span.kind: the API's kinds count from 0, the protocol's from 1 (unspecified is 0).
@@ -144,6 +144,32 @@ def _any_value(value: Any) -> bytes:
     )
 
 
+def _value_head(size: int) -> bytes:
+    """Return the tag and length of a ``KeyValue``'s value of ``size`` bytes."""
+    return b"\x12" + _varint(size)
+
+
+def _str_head(size: int) -> bytes:
+    """Return the bytes before a string value of ``size`` bytes in a ``KeyValue``."""
+    string_head = b"\x0a" + _varint(size)
+    return _value_head(len(string_head) + size) + string_head
+
+
+def _keyed(tag: bytes, key_field: bytes, head: bytes, data: bytes) -> bytes:
+    """Return a ``KeyValue`` field: ``tag``, its length, the key, then the value."""
+    size = len(key_field) + len(head) + len(data)
+    length = _SMALL[size] if size < 16384 else _varint_bytes(size)
+    return b"".join((tag, length, key_field, head, data))
+
+
+# Value fields made once: the heads of strings by length, and small ints.
+_HEADS = 2048
+_STR_HEAD = tuple(_str_head(size) for size in range(_HEADS))
+_INT_BODY = tuple(
+    _value_head(1 + len(_varint(n))) + b"\x18" + _varint(n) for n in range(_HEADS)
+)
+
+
 class _Grouping:
     """Groups by equal keys (resources, scopes), in first-seen order.
 
@@ -177,57 +203,106 @@ class _Grouping:
         return list(zip(self._keys, self._groups, strict=True))
 
 
+class _Key:
+    """What the encoder keeps of one attribute key under one field tag.
+
+    ``values`` maps the key's string values to their whole encoded fields
+    while they repeat. It becomes None once the key has missed too often (an
+    id), so that such a key costs no cache work at all.
+    """
+
+    __slots__ = ("key_field", "misses", "values")
+
+    def __init__(self, key: str) -> None:
+        self.key_field = _field(b"\x0a", key.encode())
+        self.values: dict[str, bytes] | None = {}
+        self.misses = 0
+
+
 class _Encoder:
     """Span encoder, with a cache of encoded attributes and span names."""
 
     def __init__(self) -> None:
-        self._keys: dict[str, bytes] = {}
-        # (field tag, key, value, its type) -> the whole encoded field
-        self._fields: dict[tuple[bytes, str, Any, type], bytes] = {}
-        self._misses: dict[str, int] = {}  # cache misses by key
+        self._tags: dict[bytes, dict[str, _Key]] = {}  # field tag -> key -> _Key
+        self._cached = 0  # string fields held by all the _Key objects
         self._names: dict[tuple[str, int], bytes] = {}  # span name and kind fields
 
     def attributes(self, tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
+        """Return ``attributes`` as repeated ``KeyValue`` fields of ``tag``.
+
+        Plain strings, ints, floats and bools are written inline: a call per
+        attribute would cost more than the encoding itself.
+        """
         if not attributes:
             return b""
-        fields = self._fields
+        keys = self._tags.get(tag)
+        if keys is None:
+            keys = self._tags[tag] = {}
         parts = []
         for key, value in attributes.items():
+            entry = keys.get(key)
+            if entry is None:
+                entry = self._new_key(keys, key)
             kind = type(value)
-            if kind in _CACHED:
-                # The type is part of the key: True == 1 for a dict.
-                cached = fields.get((tag, key, value, kind))
-                if cached is not None:
-                    parts.append(cached)
+            if kind is str:
+                values = entry.values
+                if values is not None:
+                    field = values.get(value)
+                    if field is not None:
+                        parts.append(field)
+                        continue
+                try:
+                    data = value.encode()
+                except UnicodeEncodeError:  # a lone surrogate cannot be UTF-8
+                    logger.exception("span attribute %s not exported", key)
                     continue
-            try:
-                parts.append(self._new_field(tag, key, value, kind))
-            except (TypeError, ValueError):  # a lone surrogate cannot be UTF-8
-                logger.exception("span attribute %s not exported", key)
+                size = len(data)
+                head = _STR_HEAD[size] if size < _HEADS else _str_head(size)
+                field = _keyed(tag, entry.key_field, head, data)
+                if values is not None:
+                    self._keep(entry, value, field)
+            elif kind is int and 0 <= value < _HEADS:
+                field = _keyed(tag, entry.key_field, _INT_BODY[value], b"")
+            elif kind is float:
+                field = _keyed(
+                    tag, entry.key_field, b"\x12\x09\x21", _pack_double(value)
+                )
+            else:  # bools, large or negative ints, sequences, mappings, bytes
+                try:
+                    body = _any_value(value)
+                except (TypeError, ValueError):
+                    logger.exception("span attribute %s not exported", key)
+                    continue
+                field = _keyed(tag, entry.key_field, _value_head(len(body)), body)
+            parts.append(field)
         return b"".join(parts)
 
-    def _new_field(self, tag: bytes, key: str, value: Any, kind: type) -> bytes:
-        encoded_key = self._keys.get(key)
-        if encoded_key is None:
-            if len(self._keys) >= _CACHE_MAX:
-                self._keys.clear()
-                self._misses.clear()
-            encoded_key = self._keys[key] = _field(b"\x0a", key.encode())
-        field = _field(tag, encoded_key + _field(b"\x12", _any_value(value)))
-        if kind not in _CACHED:
-            return field
+    def _new_key(self, keys: dict[str, _Key], key: str) -> _Key:
+        if len(keys) >= _CACHE_MAX:  # keys that never repeat: start again
+            self._cached -= sum(len(k.values) for k in keys.values() if k.values)
+            keys.clear()
+        entry = keys[key] = _Key(key)
+        return entry
 
-        # A key whose values keep missing (an id) stops being cached: its
-        # entries would only push out the ones that repeat.
-        misses = self._misses.get(key, 0)
-        if misses >= _MISSES_BEFORE_BYPASS:
-            return field
-        self._misses[key] = misses + 1
-        if len(self._fields) >= _CACHE_MAX:
-            self._fields.clear()
-            self._misses.clear()
-        self._fields[(tag, key, value, kind)] = field
-        return field
+    def _keep(self, entry: _Key, value: str, field: bytes) -> None:
+        """Cache a string field, unless its key keeps missing (an id).
+
+        Such a key's entries would only push out the ones that repeat.
+        """
+        entry.misses += 1
+        if entry.misses > _MISSES_BEFORE_BYPASS:
+            self._cached -= len(entry.values or ())
+            entry.values = None
+            return
+        if self._cached >= _CACHE_MAX:
+            for keys in self._tags.values():
+                for known in keys.values():
+                    if known.values:
+                        known.values = {}
+            self._cached = 0
+        assert entry.values is not None
+        entry.values[value] = field
+        self._cached += 1
 
     def span(self, span: ReadableSpan) -> bytes:
         context = span.context
@@ -244,34 +319,88 @@ class _Encoder:
         if span.dropped_attributes:
             parts.append(b"\x50" + _varint(span.dropped_attributes))
         if span.events:
-            parts += self._events(span)
+            parts += self._events(span.events)
         if span.dropped_events:
             parts.append(b"\x60" + _varint(span.dropped_events))
         if span.links:
-            parts += self._links(span)
+            parts += self._links(span.links)
         if span.dropped_links:
             parts.append(b"\x70" + _varint(span.dropped_links))
 
         parts += _tail(span.status, parent is not None and parent.is_remote)
         return b"".join(parts)
 
-    def child(self, parent: Any, child: Any) -> bytes:
-        """Encode a child recorded on ``parent`` by ``LeanSpan.add_child``.
+    def lean(self, span: LeanSpan) -> list[bytes]:
+        """Return the ``Span`` fields of a finished lean span and its recorded children.
 
-        The child shares its parent's trace id and trace state, has the parent
-        for its parent, no links, and at most its one exception event.
+        The children come first, in the order in which they ended, then the
+        span. A child shares its parent's trace id and trace state, has the
+        parent for its parent, no links, and at most its one exception event.
+        All are encoded in one pass, with the ids and the trace state read
+        once: on the gateway's path, every call and property read here is
+        paid for on every message.
         """
-        context = parent.context
-        parts = self._head(context, child.span_id, context.span_id)
-        parts += (
-            self._name_and_kind(child.name, child.kind),
-            _TIMES.pack(b"\x39", child.start_time, b"\x41", child.end_time),
-            self.attributes(b"\x4a", child.attributes),
-        )
-        if child.events:
-            parts += self._events(child)
-        parts += _tail(child.status, False)
-        return b"".join(parts)
+        context = span.context
+        trace_id = context.trace_id
+        high, low = trace_id >> 64, trace_id & _UINT64
+        span_id = context.span_id
+        state = _field(b"\x1a", _trace_state(context)) if context.trace_state else b""
+        attributes = self.attributes
+        names = self._names
+        out = []
+        for child in span.children:
+            name = names.get((child.name, id(child.kind)))
+            if name is None:
+                name = self._name_and_kind(child.name, child.kind)
+            status = child.status
+            body = b"".join(
+                (
+                    _IDS.pack(b"\x0a\x10", high, low, b"\x12\x08", child.span_id),
+                    state,
+                    _PARENT.pack(b"\x22\x08", span_id),
+                    name,
+                    _TIMES.pack(b"\x39", child.start_time, b"\x41", child.end_time),
+                    attributes(b"\x4a", child.attributes),
+                    *(self._events(child.events) if child.events else ()),
+                    _TAIL_LOCAL
+                    if status is UNSET_STATUS
+                    else b"".join(_tail(status, False)),
+                )
+            )
+            out.append(b"\x12" + _varint(len(body)) + body)
+
+        parent = span.parent
+        name = names.get((span.name, id(span.kind)))
+        if name is None:
+            name = self._name_and_kind(span.name, span.kind)
+        parts = [
+            _IDS.pack(b"\x0a\x10", high, low, b"\x12\x08", span_id),
+            state,
+            b"" if parent is None else _PARENT.pack(b"\x22\x08", parent.span_id),
+            name,
+            _TIMES.pack(b"\x39", span.start_time, b"\x41", span.end_time or 0),
+            attributes(b"\x4a", span.attributes),
+        ]
+        dropped_attributes, dropped_events, dropped_links = span.drops
+        if dropped_attributes:
+            parts.append(b"\x50" + _varint(dropped_attributes))
+        if span.events:
+            parts += self._events(span.events)
+        if dropped_events:
+            parts.append(b"\x60" + _varint(dropped_events))
+        if span.links:
+            parts += self._links(span.links)
+        if dropped_links:
+            parts.append(b"\x70" + _varint(dropped_links))
+        remote = parent is not None and parent.is_remote
+        status = span.status
+        if status is UNSET_STATUS:
+            parts.append(_TAIL_REMOTE if remote else _TAIL_LOCAL)
+        else:
+            parts += _tail(status, remote)
+        body = b"".join(parts)
+        out.append(b"\x12" + _varint(len(body)) + body)
+        return out
 
     @staticmethod
     def _head(context: SpanContext, span_id: int, parent_id: int | None) -> list[bytes]:
@@ -298,9 +427,9 @@ class _Encoder:
             self._names[(name, id(kind))] = encoded
         return encoded
 
-    def _events(self, span: ReadableSpan) -> list[bytes]:
+    def _events(self, events: Sequence[Event]) -> list[bytes]:
         parts = []
-        for event in span.events:
+        for event in events:
             body = b"\x09" + _pack_fixed64(event.timestamp)
             body += _field(b"\x12", event.name.encode())
             body += self.attributes(b"\x1a", event.attributes)
@@ -309,11 +438,12 @@ class _Encoder:
             parts.append(_field(b"\x5a", body))
         return parts
 
-    def _links(self, span: ReadableSpan) -> list[bytes]:
+    def _links(self, links: Sequence[Link]) -> list[bytes]:
         parts = []
-        for link in span.links:
+        for link in links:
             linked = link.context
-            if not link.attributes and not link.dropped_attributes:
+            attributes = link.attributes
+            if attributes is None or (not attributes and not link.dropped_attributes):
                 # The common case, a link to a message span: a fixed size.
                 trace_id = linked.trace_id
                 parts.append(
@@ -329,7 +459,7 @@ class _Encoder:
                 continue
             body = b"\x0a\x10" + linked.trace_id.to_bytes(16, "big")
             body += b"\x12\x08" + linked.span_id.to_bytes(8, "big")
-            body += self.attributes(b"\x22", link.attributes)
+            body += self.attributes(b"\x22", attributes)
             if link.dropped_attributes:
                 body += b"\x28" + _varint(link.dropped_attributes)
             body += b"\x35" + (_FLAGS_REMOTE if linked.is_remote else _FLAGS_LOCAL)
@@ -535,7 +665,8 @@ class SpanQueue:
         """Encode a finished, sampled span and its children and queue them, logging any error."""
         spans = self._spans
         count = 1 + len(span.children)
-        if len(spans) + count > self._max_queue_size or self._stopping:
+        waiting = len(spans)
+        if waiting + count > self._max_queue_size or self._stopping:
             self.dropped += count
             now = time.monotonic()
             if now >= self._next_drop_warning:  # the first, then every 10 s at most
@@ -547,15 +678,13 @@ class SpanQueue:
                 )
             return
         try:
-            if count > 1:  # children first, in the order in which they ended
-                spans.extend(
-                    [_field(b"\x12", _encoder.child(span, c)) for c in span.children]
-                )
-            spans.append(_field(b"\x12", _encoder.span(span)))
+            spans.extend(_encoder.lean(span))  # children first, as they ended
         except Exception:  # a span must never fail the message it describes
             logger.exception("encoding span %r or its children failed", span.name)
             return
-        if len(spans) >= self._batch_size:
+        # Wake the sending thread once, as the queue reaches a batch: setting
+        # the event again on every span until that thread runs costs a lock each.
+        if waiting < self._batch_size <= waiting + count:
             self._wake.set()
 
     def request(self, encoded: Sequence[bytes]) -> bytes:
@@ -565,7 +694,8 @@ class SpanQueue:
 
     def _run(self) -> None:
         while not self._stopping:
-            self._wake.wait(self._delay)
+            if len(self._spans) < self._batch_size:  # else a batch waits already
+                self._wake.wait(self._delay)
             self._wake.clear()
             self._send_waiting()
         self._send_waiting()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -485,6 +486,41 @@ def test_queue_drops_beyond_its_size_and_counts(
     assert queue.dropped == 2
     assert [span.name for span in sent.spans()] == [f"span {n}" for n in range(6)]
     assert "span queue full (3 spans)" in caplog.text
+
+
+def test_batches_filled_during_a_send_go_without_delay() -> None:
+    """Spans that fill batches while a send is under way leave right after it."""
+    sent = _Sent()
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_send(body: bytes) -> bool:
+        entered.set()
+        release.wait(10)
+        return sent(body)
+
+    queue = SpanQueue(
+        slow_send,
+        Resource({}),
+        InstrumentationScope("chat-gateway"),
+        batch_size=2,
+        delay_seconds=60,
+    )
+    provider = TracerProvider()
+    tracer = LeanTracer(provider.get_tracer("t"), "chat-gateway", "1", queue=queue)
+    for number in range(2):
+        tracer.start_span(f"span {number}").end()
+    assert entered.wait(10)
+    for number in range(2, 7):  # two more batches and one span
+        tracer.start_span(f"span {number}").end()
+    release.set()
+    deadline = time.monotonic() + 10
+    while len(sent.bodies) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    names = [span.name for span in sent.spans()]
+    queue.shutdown()
+
+    # Long before the 60 s delay; the odd span goes with the full batches.
+    assert names == [f"span {n}" for n in range(7)]
 
 
 def test_queue_keeps_children_with_parent(
