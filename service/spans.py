@@ -62,14 +62,15 @@ from opentelemetry.util.types import Attributes, AttributeValue
 if TYPE_CHECKING:
     from service.otlp import SpanQueue
 
-__all__ = ["LeanSpan", "LeanTracer", "start_child"]
+__all__ = ["UNSET_STATUS", "LeanSpan", "LeanTracer", "start_child"]
 
 logger = logging.getLogger("chat.spans")
 
-_UNSET = Status(StatusCode.UNSET)
+UNSET_STATUS = Status(StatusCode.UNSET)  # a new span's status, compared by identity
 _NO_LIMIT = 1 << 62
 _SCALARS = (str, bool, int, float)
 _SCALAR_TYPES = frozenset(_SCALARS)
+_STR = frozenset({str})
 # Trace flags by (sampled, random trace id), made once.
 _FLAGS = {
     (sampled, random_id): TraceFlags(
@@ -241,6 +242,7 @@ class LeanSpan(_DropCounts, trace.Span):
         "name",
         "on_exception",
         "parent",
+        "sampled",
         "start_time",
         "status",
         "tracer",
@@ -257,10 +259,13 @@ class LeanSpan(_DropCounts, trace.Span):
         links: list[Link],
         start_time: int | None,
         on_exception: tuple[bool, bool] = (True, True),
+        sampled: bool | None = None,
     ) -> None:
         self.tracer = tracer
         self.name = name
         self.context = context
+        # Read on every end and child, where the flag's property would cost a call.
+        self.sampled = context.trace_flags.sampled if sampled is None else sampled
         self.parent = parent
         self.kind = kind
         self.attributes = attributes
@@ -268,7 +273,7 @@ class LeanSpan(_DropCounts, trace.Span):
         self.links: list[Link] | tuple[()] = links or ()
         self.events: list[Event] | tuple[()] = ()
         self.children: list[_Child] | tuple[()] = ()
-        self.status = _UNSET
+        self.status = UNSET_STATUS
         self.drops: tuple[int, int, int] = (0, 0, 0)  # attributes, events, links
         self.start_time = time.time_ns() if start_time is None else start_time
         self.end_time: int | None = None
@@ -427,7 +432,7 @@ class LeanSpan(_DropCounts, trace.Span):
         if (
             self._ended
             or not tracer.children_follow_parent
-            or not self.context.trace_flags.sampled
+            or not self.sampled
             or len(attributes) > tracer.limits.attributes
             or (error is not None and tracer.limits.events < 1)
         ):
@@ -443,7 +448,7 @@ class LeanSpan(_DropCounts, trace.Span):
                 escaped,
             )
             return
-        status = _UNSET
+        status = UNSET_STATUS
         events: list[Event] | tuple[()] = ()
         if error is not None:
             status = Status(StatusCode.ERROR, type(error).__name__)
@@ -495,7 +500,7 @@ class LeanSpan(_DropCounts, trace.Span):
             for child in self.children:  # before the parent, as SDK spans end
                 processor.on_end(_FinishedChild(self, child))
             processor.on_end(_FinishedSpan(self, self.end_time))
-        elif self.context.trace_flags.sampled:
+        elif self.sampled:
             queue.add(self)  # read as a finished span, as ReadableSpan is read
 
 
@@ -537,10 +542,17 @@ class LeanTracer(trace.Tracer):
 
     def clean_attributes(self, attributes: Attributes) -> dict[str, Any]:
         """Return the attributes with invalid keys left out and values cleaned."""
-        cleaned: dict[str, Any] = {}
         if not attributes:
-            return cleaned
+            return {}
         length = self.limits.length
+        if (
+            length is None
+            and "" not in attributes
+            and _STR.issuperset(map(type, attributes))
+            and _SCALAR_TYPES.issuperset(map(type, attributes.values()))
+        ):
+            return dict(attributes)  # the common case, checked without a call per item
+        cleaned: dict[str, Any] = {}
         for key, value in attributes.items():
             if not key or not isinstance(key, str):
                 continue  # dropped, as the SDK drops it; the caller counts it
@@ -623,11 +635,18 @@ class LeanTracer(trace.Tracer):
         # built-in samplers) are the span's.
         merged = self.clean_attributes(sampled_attributes)
         if links:
-            links = [
-                self.bounded_link(link)
-                for link in links
-                if link and _valid_link(link.context, link.attributes)
-            ]
+            kept = []
+            for link in links:
+                if (
+                    type(link) is Link
+                    and link.attributes is None
+                    and link.context.is_valid
+                ):  # the common case, in fewer calls
+                    kept.append(link)
+                    continue
+                if link and _valid_link(link.context, link.attributes):
+                    kept.append(self.bounded_link(link))
+            links = kept
         span = LeanSpan(
             self,
             name,
@@ -638,6 +657,7 @@ class LeanTracer(trace.Tracer):
             links,
             start_time,
             on_exception=(record_exception, set_status_on_exception),
+            sampled=decision is Decision.RECORD_AND_SAMPLE,
         )
         if sampled_attributes and len(merged) < len(sampled_attributes):
             span.count_drops(attributes=len(sampled_attributes) - len(merged))
