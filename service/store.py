@@ -15,6 +15,7 @@ Indexes, kept to the essential ones because each costs time on every insert:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -77,6 +78,8 @@ class MessageStore:
             appname="chat-gateway",
         )
         self.database_name = database
+        self._address: tuple[str, int | None] | None = None
+        self._address_until = 0.0  # monotonic time until which _address holds
         base = self.client[database]["messages"]
         self.messages: AsyncCollection[Document] = base.with_options(
             write_concern=write_concern
@@ -84,12 +87,21 @@ class MessageStore:
 
     @property
     def address(self) -> tuple[str, int | None] | None:
-        """Return the host and port of the server, once it is known."""
+        """Return the host and port of a server, once one is known.
+
+        Read again at most once a second: the driver builds its set of nodes
+        on every read, and the write path asks for every batch's span.
+        """
+        now = time.monotonic()
+        if now < self._address_until:
+            return self._address
         try:
             nodes = self.client.nodes
         except Exception:
             return None
-        return next(iter(nodes), None)
+        self._address = next(iter(nodes), None)
+        self._address_until = now + 1.0 if self._address is not None else 0.0
+        return self._address
 
     async def ensure_indexes(self) -> None:
         """Create the collection's indexes (a no-op when they exist)."""
