@@ -288,7 +288,7 @@ class MessageService:
         self._accepted.inc()
         self.accepted_count += 1
         await self._emit(principal, view, span, context)
-        self._hand_off(result.doc, span)
+        self._hand_off(result.doc, span, context)
         return ack
 
     def _check_rate(
@@ -363,12 +363,13 @@ class MessageService:
             escaped=escaped,
         )
 
-    def _hand_off(self, doc: dict[str, Any], span: Span | None) -> None:
+    def _hand_off(
+        self, doc: dict[str, Any], span: Span | None, context: SpanContext | None
+    ) -> None:
         if self._indexer is None:
             return
         recording = _records(span)
         started_ns = time.time_ns() if recording else 0
-        context = span.get_span_context() if span is not None else None
         queued = False
         try:
             queued = self._indexer.offer(IndexItem.from_doc(doc, context))

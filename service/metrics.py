@@ -22,7 +22,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from opentelemetry.trace import SpanContext
+from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -33,6 +33,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from service.errors import ERROR_CODES
+from service.spans import FLAGS
 
 __all__ = [
     "Metrics",
@@ -90,7 +91,7 @@ class TracedHistogram:
 
     def observe(self, amount: float, context: SpanContext | None = None) -> None:
         """Observe ``amount``, with a sampled span context as a possible exemplar."""
-        if context is not None and context.trace_flags.sampled:
+        if context is not None and context[FLAGS] & TraceFlags.SAMPLED:  # type: ignore[operator]
             bucket = bisect_left(self._bounds, amount)
             now = self._clock()
             if bucket < len(self._bounds) and now >= self._renew_at[bucket]:

@@ -28,7 +28,15 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    Link,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 
 from service import __version__
 from service.embedded import free_port
@@ -162,6 +170,13 @@ def _remote_context() -> Any:
     from opentelemetry import trace
 
     return trace.get_current_span(extract_context(REMOTE)).get_span_context()
+
+
+def test_span_context_unpacks_as_the_encoder_reads_it() -> None:
+    """The encoder unpacks span contexts as tuples: an API change must fail here."""
+    state = TraceState([("vendor", "value")])
+    context = SpanContext(1, 2, True, TraceFlags(1), state)
+    assert context[:5] == (1, 2, True, TraceFlags(1), state)
 
 
 def test_repeated_encoding_is_identical(spans: list[ReadableSpan]) -> None:
