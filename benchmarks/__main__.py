@@ -12,7 +12,7 @@ import time
 
 # In the order they run: the cheap, quiet measurements first.
 BENCHMARKS = ("spans", "wire", "idle_memory", "throughput", "telemetry")
-OPTIONAL = ("profile", "socket_memory", "compare")
+OPTIONAL = ("profile", "socket_memory", "compare", "instructions")
 HAVE_QUICK = ("idle_memory", "throughput", "telemetry")
 
 

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,9 +107,18 @@ def _wait_until_up(server: ServerProcess, path: str | None, timeout: float) -> N
 
 @contextlib.contextmanager
 def gateway(
-    workdir: Path, env: dict[str, str] | None = None, *, name: str = "gateway"
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    *,
+    name: str = "gateway",
+    prefix: Sequence[str] = (),
+    timeout: float = 90,
 ) -> Iterator[ServerProcess]:
-    """Run ``chat-gateway serve`` with ``env`` on a free port and a fresh data dir."""
+    """Run ``chat-gateway serve`` with ``env`` on a free port and a fresh data dir.
+
+    ``prefix`` runs the gateway under another program, such as valgrind, with
+    this virtual environment's Python; ``timeout`` bounds its start.
+    """
     port = free_port()
     data_dir = workdir / name
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +129,9 @@ def gateway(
         **(env or {}),
     }
     log_path = data_dir / "gateway.log"
+    launcher = [*prefix, sys.executable] if prefix else []
     command = [
+        *launcher,
         str(BIN / "chat-gateway"),
         "serve",
         "--host", "127.0.0.1",
@@ -136,7 +147,7 @@ def gateway(
         )
     server = ServerProcess(name, process, port, log_path)
     try:
-        _wait_until_up(server, "/readyz", 90)
+        _wait_until_up(server, "/readyz", timeout)
         yield server
     finally:
         server.stop()

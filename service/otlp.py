@@ -204,7 +204,7 @@ class _Grouping:
 
 
 class _Key:
-    """What the encoder keeps of one attribute key under one field tag.
+    """The encoder's record of one attribute key under one field tag.
 
     ``values`` maps the key's string values to their whole encoded fields
     while they repeat. It becomes None once the key has missed too often (an
@@ -230,8 +230,8 @@ class _Encoder:
     def attributes(self, tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
         """Return ``attributes`` as repeated ``KeyValue`` fields of ``tag``.
 
-        Plain strings, ints, floats and bools are written inline: a call per
-        attribute would cost more than the encoding itself.
+        Plain strings, small ints and floats are written inline, because a
+        call per attribute would cost more than the encoding itself.
         """
         if not attributes:
             return b""

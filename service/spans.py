@@ -651,18 +651,18 @@ class LeanTracer(trace.Tracer):
         # built-in samplers) are the span's.
         merged = self.clean_attributes(sampled_attributes)
         if links:
-            kept = []
+            valid_links = []
             for link in links:
                 if (
                     type(link) is Link
                     and link.attributes is None
                     and link.context.is_valid
                 ):  # the common case, in fewer calls
-                    kept.append(link)
+                    valid_links.append(link)
                     continue
                 if link and _valid_link(link.context, link.attributes):
-                    kept.append(self.bounded_link(link))
-            links = kept
+                    valid_links.append(self.bounded_link(link))
+            links = valid_links
         span = LeanSpan(
             self,
             name,

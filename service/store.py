@@ -79,7 +79,7 @@ class MessageStore:
         )
         self.database_name = database
         self._address: tuple[str, int | None] | None = None
-        self._address_until = 0.0  # monotonic time until which _address holds
+        self._address_until = 0.0  # monotonic time until which _address is reused
         base = self.client[database]["messages"]
         self.messages: AsyncCollection[Document] = base.with_options(
             write_concern=write_concern
@@ -90,7 +90,7 @@ class MessageStore:
         """Return the host and port of a server, once one is known.
 
         Read again at most once a second: the driver builds its set of nodes
-        on every read, and the write path asks for every batch's span.
+        on every read, and the write path reads it for every batch's span.
         """
         now = time.monotonic()
         if now < self._address_until:

@@ -56,7 +56,7 @@ _DUPLICATE_KEY = 11000
 
 
 # A batch span starts a trace of its own, whatever context the writer runs in.
-# Given, this empty context also spares the lookup of the current one.
+# Passing it also spares the lookup of the current context.
 _ROOT = Context()
 
 

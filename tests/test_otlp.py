@@ -172,7 +172,7 @@ def _remote_context() -> Any:
     return trace.get_current_span(extract_context(REMOTE)).get_span_context()
 
 
-def test_span_context_unpacks_as_the_encoder_reads_it() -> None:
+def test_span_context_tuple_layout() -> None:
     """The encoder unpacks span contexts as tuples: an API change must fail here."""
     state = TraceState([("vendor", "value")])
     context = SpanContext(1, 2, True, TraceFlags(1), state)
@@ -503,7 +503,7 @@ def test_queue_drops_beyond_its_size_and_counts(
     assert "span queue full (3 spans)" in caplog.text
 
 
-def test_batches_filled_during_a_send_go_without_delay() -> None:
+def test_full_batches_sent_without_delay() -> None:
     """Spans that fill batches while a send is under way leave right after it."""
     sent = _Sent()
     entered, release = threading.Event(), threading.Event()
