@@ -105,6 +105,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tasks", type=int, default=8, help="tasks (2 sockets each)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of load")
     args = parser.parse_args(argv)
+    for option, value in (
+        ("--load", args.load),
+        ("--tasks", args.tasks),
+        ("--duration", args.duration),
+    ):
+        if value <= 0:
+            parser.error(f"{option} must be above 0, not {value:g}")
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed: run `apt-get install valgrind`")
