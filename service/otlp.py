@@ -279,7 +279,9 @@ class _Encoder:
 
     def _new_key(self, keys: dict[str, _Key], key: str) -> _Key:
         if len(keys) >= _CACHE_MAX:  # keys that never repeat: start again
-            self._cached -= sum(len(k.values) for k in keys.values() if k.values)
+            # Copied first: the HTTP routes' export thread may add a key meanwhile.
+            entries = list(keys.values())
+            self._cached -= sum(len(k.values) for k in entries if k.values)
             keys.clear()
         entry = keys[key] = _Key(key)
         return entry
@@ -295,14 +297,15 @@ class _Encoder:
             entry.values = None
             return
         if self._cached >= _CACHE_MAX:
-            for keys in self._tags.values():
-                for known in keys.values():
+            for keys in list(self._tags.values()):
+                for known in list(keys.values()):
                     if known.values:
                         known.values = {}
             self._cached = 0
-        assert entry.values is not None
-        entry.values[value] = field
-        self._cached += 1
+        values = entry.values
+        if values is not None:  # None if another thread has just bypassed the key
+            values[value] = field
+            self._cached += 1
 
     def span(self, span: ReadableSpan) -> bytes:
         context = span.context

@@ -40,7 +40,13 @@ from opentelemetry.trace import (
 
 from service import __version__
 from service.embedded import free_port
-from service.otlp import HttpSpanExporter, SpanQueue, encode_spans, grpc_span_exporter
+from service.otlp import (
+    HttpSpanExporter,
+    SpanQueue,
+    _Encoder,
+    encode_spans,
+    grpc_span_exporter,
+)
 from service.spans import LeanTracer
 from service.tracing import Tracing, create_tracer_provider, extract_context
 from tests.test_spans import _story, add_child
@@ -177,6 +183,24 @@ def test_span_context_tuple_layout() -> None:
     state = TraceState([("vendor", "value")])
     context = SpanContext(1, 2, True, TraceFlags(1), state)
     assert context[:5] == (1, 2, True, TraceFlags(1), state)
+
+
+def test_attribute_cache_stays_bounded() -> None:
+    """Ids stop being cached, and many keys or values start the cache again."""
+    encoder = _Encoder()
+    for number in range(6000):
+        attributes = {
+            "id": f"message {number}",
+            f"key {number % 5000}": "value",
+            "room": f"task:{number % 4500}",
+        }
+        encoded = encoder.attributes(b"\x4a", attributes)
+        assert encoded == _Encoder().attributes(b"\x4a", attributes)
+
+    keys = encoder._tags[b"\x4a"]
+    assert len(keys) <= 4096
+    assert sum(len(entry.values or ()) for entry in keys.values()) <= 4096
+    assert keys["id"].values is None
 
 
 def test_repeated_encoding_is_identical(spans: list[ReadableSpan]) -> None:
