@@ -242,6 +242,11 @@ class _Encoder:
         for key, value in attributes.items():
             entry = keys.get(key)
             if entry is None:
+                if not isinstance(key, str):  # as the official encoder, skip it
+                    logger.error(
+                        "span attribute key %r not exported: not a string", key
+                    )
+                    continue
                 entry = self._new_key(keys, key)
             kind = type(value)
             if kind is str:

@@ -230,6 +230,25 @@ def test_unencodable_value_skipped(
     assert "bad" in caplog.text
 
 
+def test_non_string_key_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    """A key that is not a string goes, as in the official encoder; the span stays."""
+    context = SpanContext(1, 2, False, TraceFlags(1))
+    span = ReadableSpan(
+        name="x",
+        context=context,
+        attributes={1: "number", "ok": 1},  # type: ignore[dict-item]
+        start_time=1,
+        end_time=2,
+    )
+
+    with caplog.at_level(logging.ERROR, logger="chat.otlp"):
+        ours = ExportTraceServiceRequest.FromString(encode_spans([span]))
+    assert ours == official_encode([span])
+    (encoded,) = ours.resource_spans[0].scope_spans[0].spans
+    assert [kv.key for kv in encoded.attributes] == ["ok"]
+    assert "not a string" in caplog.text
+
+
 class _Collector(BaseHTTPRequestHandler):
     """An OTLP/HTTP receiver: keeps each request body and replies with an empty response."""
 
