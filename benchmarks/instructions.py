@@ -5,8 +5,10 @@ machine, more than most changes to the tracing code. Valgrind's callgrind
 counts the instructions a process executes, which for the same code and load
 are nearly the same whatever else the machine does. This benchmark runs the
 real gateway under callgrind, with its SecantusDB beside it (not counted),
-and offers real Socket.IO clients a slow fixed load. It counts the gateway's
-instructions from the first message to the last, in three configurations:
+and offers real Socket.IO clients a slow fixed load: a warm-up step, then
+the measured step at the same rate. It counts the gateway's instructions
+during the measured step only (connecting and the warm-up are left out),
+in three configurations:
 
 * ``off``: no OTLP endpoint, ``CHAT_LOG_MONGO_WRITES=off``;
 * ``unsampled``: tracing on, nothing sampled (``OTEL_TRACES_SAMPLER=always_off``),
@@ -19,6 +21,10 @@ than it runs alone. So each batch write carries about one message, where at
 250 msg/s it carries about two, and the batch's span, its log line and the
 round trip to MongoDB fall on each message rather than on two.
 
+``--gateway-pythonpath DIR`` has the gateways import their code from DIR,
+for example a checkout of an earlier commit (``git worktree add``), so that
+two versions of the code can be counted one after the other.
+
 Needs valgrind (``apt-get install valgrind``). Run: ``python -m
 benchmarks.instructions`` (about 3 minutes).
 """
@@ -26,6 +32,7 @@ benchmarks.instructions`` (about 3 minutes).
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import subprocess
 import tempfile
@@ -34,8 +41,10 @@ from typing import Any
 
 from benchmarks import harness
 from benchmarks.telemetry import start_sink, traced_settings
-from service.loadtest.plan import plan_single
-from service.loadtest.runner import LoadTestOptions, run_load_test
+from service.loadtest.plan import StepSpec
+from service.loadtest.runner import LoadTestOptions, StepResult, run_load_test
+
+WARM_UP_SECONDS = 5.0
 
 
 def _configurations(sink_port: int) -> dict[str, dict[str, str]]:
@@ -71,10 +80,24 @@ def _run(
     prefix = [
         "valgrind",
         "--tool=callgrind",
-        "--instr-atstart=no",  # counted from the first message only
+        "--instr-atstart=no",  # off until the warm-up step has run
         f"--callgrind-out-file={out}",
     ]
-    steps = plan_single(args.tasks, args.load / (2 * args.tasks), args.duration)
+    rate = args.load / (2 * args.tasks)  # per user
+    steps = [
+        StepSpec(index, args.load, args.tasks, rate, duration)
+        for index, duration in enumerate((WARM_UP_SECONDS, args.duration))
+    ]
+    measured: list[StepResult] = []
+
+    def on_step(result: StepResult) -> None:
+        # Counting starts after the warm-up and stops before the sockets close.
+        if result.spec.index == 0:
+            _control("--instr=on", str(server.pid))
+        else:
+            _control("--dump", str(server.pid))
+            measured.append(result)
+
     with harness.gateway(workdir, env, name=name, prefix=prefix, timeout=300) as server:
         options = LoadTestOptions(
             url=server.url,
@@ -84,13 +107,14 @@ def _run(
             server_pid=server.pid,
             seed=1,
         )
-        _control("--instr=on", str(server.pid))
-        step = run_load_test(options, progress=None).steps[0]
-        _control("--dump", str(server.pid))
+        run_load_test(options, progress=None, on_step=on_step)
+    if not measured:
+        raise RuntimeError(f"the measured step of {name} did not run")
+    step = measured[0]
     dumps = sorted(workdir.glob(f"{out.name}.*"))
     if not dumps:
         raise RuntimeError(f"callgrind wrote no dump for {name} in {workdir}")
-    instructions = _count(dumps[0])
+    instructions = _count(dumps[0])  # the dump taken at the end of the measured step
     return {
         "sent": step.sent,
         "errors": step.error_count,
@@ -103,15 +127,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", type=float, default=8.0, help="offered msg/s")
     parser.add_argument("--tasks", type=int, default=8, help="tasks (2 sockets each)")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load")
+    parser.add_argument(
+        "--duration", type=float, default=20.0, help="seconds of the measured step"
+    )
+    parser.add_argument(
+        "--gateway-pythonpath",
+        type=Path,
+        metavar="DIR",
+        help="import the gateway's code from DIR (a checkout of another commit)",
+    )
+    parser.add_argument(
+        "--results-name", default="instructions", help="results file name"
+    )
     args = parser.parse_args(argv)
+    if (
+        args.gateway_pythonpath is not None
+        and not (args.gateway_pythonpath / "service" / "__init__.py").is_file()
+    ):
+        parser.error(
+            f"--gateway-pythonpath {args.gateway_pythonpath} has no service/ "
+            "package: give the top folder of a checkout of this repository"
+        )
     for option, value in (
         ("--load", args.load),
         ("--tasks", args.tasks),
         ("--duration", args.duration),
     ):
-        if value <= 0:
-            parser.error(f"{option} must be above 0, not {value:g}")
+        if not (value > 0 and math.isfinite(value)):
+            parser.error(f"{option} must be a finite number above 0, not {value:g}")
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed: run `apt-get install valgrind`")
@@ -127,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures = results["configurations"]
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as workdir:
         for name, env in _configurations(sink.server_port).items():
+            if args.gateway_pythonpath is not None:
+                env["PYTHONPATH"] = str(args.gateway_pythonpath.resolve())
             print(f"gateway under callgrind, {name} ...", flush=True)
             figures[name] = _run(Path(workdir), name, env, args)
             per_message = figures[name]["instructions_per_message"]
@@ -145,7 +190,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{name:<14} {values['instructions_per_message']:>20,}  "
             f"{values['ratio_to_off']:.3f}"
         )
-    print(f"results: {harness.save('instructions', results)}")
+    results["gateway_pythonpath"] = (
+        str(args.gateway_pythonpath.resolve()) if args.gateway_pythonpath else None
+    )
+    print(f"results: {harness.save(args.results_name, results)}")
     return results
 
 

@@ -20,9 +20,10 @@ its own processors.
 
 NOTE: tracing every message still adds 15-24% to the gateway's CPU per
 message on the 2-vCPU reference host (``python -m benchmarks.telemetry``,
-three runs; 21% more instructions, ``python -m benchmarks.instructions``),
-above the 10% target, and 10% head sampling adds 3-11%. Nearly all of it is
-the spans' work on the event loop (docs/performance.md).
+three runs) and 25% to its instructions at 8 msg/s (``python -m
+benchmarks.instructions``), above the 10% target. 10% head sampling adds
+3-11%. Nearly all of it is the spans' work on the event loop
+(docs/performance.md).
 
 Spans of one message (names use the room template, not the task id, so that
 they stay few)::
