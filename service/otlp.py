@@ -324,17 +324,8 @@ class _Encoder:
             self.attributes(b"\x4a", span.attributes),
         )
 
-        if span.dropped_attributes:
-            parts.append(b"\x50" + _varint(span.dropped_attributes))
-        if span.events:
-            parts += self._events(span.events)
-        if span.dropped_events:
-            parts.append(b"\x60" + _varint(span.dropped_events))
-        if span.links:
-            parts += self._links(span.links)
-        if span.dropped_links:
-            parts.append(b"\x70" + _varint(span.dropped_links))
-
+        drops = (span.dropped_attributes, span.dropped_events, span.dropped_links)
+        parts += self._extras(drops, span.events, span.links)
         parts += _tail(span.status, parent is not None and parent.is_remote)
         return b"".join(parts)
 
@@ -356,25 +347,18 @@ class _Encoder:
         high, low = trace_id >> 64, trace_id & _UINT64
         state = _field(b"\x1a", _trace_state(context)) if trace_state else b""
         attributes = self.attributes
-        names = self._names
         out = []
         for child in span.children:
-            name = names.get((child.name, id(child.kind)))
-            if name is None:
-                name = self._name_and_kind(child.name, child.kind)
-            status = child.status
             body = b"".join(
                 (
                     _IDS.pack(b"\x0a\x10", high, low, b"\x12\x08", child.span_id),
                     state,
                     _PARENT.pack(b"\x22\x08", span_id),
-                    name,
+                    self._name_and_kind(child.name, child.kind),
                     _TIMES.pack(b"\x39", child.start_time, b"\x41", child.end_time),
                     attributes(b"\x4a", child.attributes),
                     *(self._events(child.events) if child.events else ()),
-                    _TAIL_LOCAL
-                    if status is UNSET_STATUS
-                    else b"".join(_tail(status, False)),
+                    *_tail(child.status, False),
                 )
             )
             out.append(b"\x12" + _varint(len(body)) + body)
@@ -385,33 +369,16 @@ class _Encoder:
         if parent is not None:
             _, parent_id, remote = parent[:3]
             parent_field = _PARENT.pack(b"\x22\x08", parent_id)
-        name = names.get((span.name, id(span.kind)))
-        if name is None:
-            name = self._name_and_kind(span.name, span.kind)
         parts = [
             _IDS.pack(b"\x0a\x10", high, low, b"\x12\x08", span_id),
             state,
             parent_field,
-            name,
+            self._name_and_kind(span.name, span.kind),
             _TIMES.pack(b"\x39", span.start_time, b"\x41", span.end_time or 0),
             attributes(b"\x4a", span.attributes),
         ]
-        dropped_attributes, dropped_events, dropped_links = span.drops
-        if dropped_attributes:
-            parts.append(b"\x50" + _varint(dropped_attributes))
-        if span.events:
-            parts += self._events(span.events)
-        if dropped_events:
-            parts.append(b"\x60" + _varint(dropped_events))
-        if span.links:
-            parts += self._links(span.links)
-        if dropped_links:
-            parts.append(b"\x70" + _varint(dropped_links))
-        status = span.status
-        if status is UNSET_STATUS:
-            parts.append(_TAIL_REMOTE if remote else _TAIL_LOCAL)
-        else:
-            parts += _tail(status, remote)
+        parts += self._extras(span.drops, span.events, span.links)
+        parts += _tail(span.status, remote)
         body = b"".join(parts)
         out.append(b"\x12" + _varint(len(body)) + body)
         return out
@@ -440,6 +407,30 @@ class _Encoder:
             encoded = _field(b"\x2a", name.encode()) + _KINDS[id(kind)]
             self._names[(name, id(kind))] = encoded
         return encoded
+
+    def _extras(
+        self,
+        drops: tuple[int, int, int],
+        events: Sequence[Event],
+        links: Sequence[Link],
+    ) -> list[bytes]:
+        """Return the fields between a span's attributes and its status, in order.
+
+        ``drops`` are the counts of attributes, events and links dropped.
+        """
+        dropped_attributes, dropped_events, dropped_links = drops
+        parts = []
+        if dropped_attributes:
+            parts.append(b"\x50" + _varint(dropped_attributes))
+        if events:
+            parts += self._events(events)
+        if dropped_events:
+            parts.append(b"\x60" + _varint(dropped_events))
+        if links:
+            parts += self._links(links)
+        if dropped_links:
+            parts.append(b"\x70" + _varint(dropped_links))
+        return parts
 
     def _events(self, events: Sequence[Event]) -> list[bytes]:
         parts = []
@@ -515,7 +506,9 @@ def _trace_state(context: SpanContext) -> bytes:
 
 def _tail(status: Status, remote_parent: bool) -> tuple[bytes, ...]:
     """Return the status and flags fields that end a span."""
-    if status.status_code is StatusCode.UNSET and not status.description:
+    if status is UNSET_STATUS or (
+        status.status_code is StatusCode.UNSET and not status.description
+    ):  # the identity test spares two property calls for most spans
         return (_TAIL_REMOTE if remote_parent else _TAIL_LOCAL,)
     flags = _FLAGS_REMOTE if remote_parent else _FLAGS_LOCAL
     return (_field(b"\x7a", _status(status)), b"\x85\x01", flags)

@@ -105,6 +105,18 @@ def _clean(value: Any, max_length: int | None) -> Any:
     return cleaned.get("value")
 
 
+def _plain(attributes: Mapping[Any, Any]) -> bool:
+    """Return whether every key is a non-empty str and every value a plain scalar.
+
+    The checks run in built-in functions, without a Python call per item.
+    """
+    return (
+        "" not in attributes
+        and _STR.issuperset(map(type, attributes))
+        and _SCALAR_TYPES.issuperset(map(type, attributes.values()))
+    )
+
+
 def _valid_key(key: object) -> bool:
     return isinstance(key, str) and bool(key)
 
@@ -265,14 +277,14 @@ class LeanSpan(_DropCounts, trace.Span):
         attributes: dict[str, Any],
         links: list[Link],
         start_time: int | None,
-        on_exception: tuple[bool, bool] = (True, True),
-        sampled: bool | None = None,
+        on_exception: tuple[bool, bool],
+        sampled: bool,
     ) -> None:
         self.tracer = tracer
         self.name = name
         self.context = context
         # Read on every end and child, where the flag's property would cost a call.
-        self.sampled = context.trace_flags.sampled if sampled is None else sampled
+        self.sampled = sampled
         self.parent = parent
         self.kind = kind
         self.attributes = attributes
@@ -341,10 +353,8 @@ class LeanSpan(_DropCounts, trace.Span):
         if (
             self._ended
             or limits.length is not None
-            or "" in attributes
-            or not _STR.issuperset(map(type, attributes))
             or len(current) + len(attributes) > limits.attributes
-            or not _SCALAR_TYPES.issuperset(map(type, attributes.values()))
+            or not _plain(attributes)
         ):
             for key, value in attributes.items():
                 self.set_attribute(key, value)
@@ -561,13 +571,8 @@ class LeanTracer(trace.Tracer):
         if not attributes:
             return {}
         length = self.limits.length
-        if (
-            length is None
-            and "" not in attributes
-            and _STR.issuperset(map(type, attributes))
-            and _SCALAR_TYPES.issuperset(map(type, attributes.values()))
-        ):
-            return dict(attributes)  # the common case, checked without a call per item
+        if length is None and _plain(attributes):
+            return dict(attributes)  # the common case, copied in one step
         cleaned: dict[str, Any] = {}
         for key, value in attributes.items():
             if not key or not isinstance(key, str):

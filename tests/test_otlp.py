@@ -442,13 +442,22 @@ def test_gateway_provider_sends_its_spans_over_grpc(
 
 
 class _Sent:
-    """A SpanQueue sender that records request bodies; its first sends can fail."""
+    """A SpanQueue sender that records request bodies.
 
-    def __init__(self, fail_first: int = 0) -> None:
+    Its first sends can fail. With ``hold``, each send sets ``entered`` and
+    waits for ``release``, so that a test can act while a send is under way.
+    """
+
+    def __init__(self, fail_first: int = 0, hold: bool = False) -> None:
         self.bodies: list[bytes] = []
         self.fail_first = fail_first
+        self.entered, self.release = threading.Event(), threading.Event()
+        if not hold:
+            self.release.set()
 
     def __call__(self, body: bytes) -> bool:
+        self.entered.set()
+        self.release.wait(10)
         if self.fail_first:
             self.fail_first -= 1
             raise ConnectionError("collector down")
@@ -515,16 +524,9 @@ def test_queue_drops_beyond_its_size_and_counts(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """While a send is under way, the queue keeps its size and drops the rest."""
-    sent = _Sent()
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_send(body: bytes) -> bool:
-        entered.set()
-        release.wait(10)
-        return sent(body)
-
+    sent = _Sent(hold=True)
     queue = SpanQueue(
-        slow_send,
+        sent,
         Resource({}),
         InstrumentationScope("chat-gateway"),
         max_queue_size=3,
@@ -535,10 +537,10 @@ def test_queue_drops_beyond_its_size_and_counts(
     with caplog.at_level(logging.WARNING, logger="chat.otlp"):
         for number in range(3):  # a full batch wakes the sending thread
             tracer.start_span(f"span {number}").end()
-        assert entered.wait(10)
+        assert sent.entered.wait(10)
         for number in range(3, 8):
             tracer.start_span(f"span {number}").end()
-        release.set()
+        sent.release.set()
         queue.shutdown()
 
     assert queue.dropped == 2
@@ -548,16 +550,9 @@ def test_queue_drops_beyond_its_size_and_counts(
 
 def test_full_batches_sent_without_delay() -> None:
     """Spans that fill batches while a send is under way leave right after it."""
-    sent = _Sent()
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_send(body: bytes) -> bool:
-        entered.set()
-        release.wait(10)
-        return sent(body)
-
+    sent = _Sent(hold=True)
     queue = SpanQueue(
-        slow_send,
+        sent,
         Resource({}),
         InstrumentationScope("chat-gateway"),
         batch_size=2,
@@ -567,10 +562,10 @@ def test_full_batches_sent_without_delay() -> None:
     tracer = LeanTracer(provider.get_tracer("t"), "chat-gateway", "1", queue=queue)
     for number in range(2):
         tracer.start_span(f"span {number}").end()
-    assert entered.wait(10)
+    assert sent.entered.wait(10)
     for number in range(2, 7):  # two more batches and one span
         tracer.start_span(f"span {number}").end()
-    release.set()
+    sent.release.set()
     deadline = time.monotonic() + 10
     while len(sent.bodies) < 4 and time.monotonic() < deadline:
         time.sleep(0.01)
