@@ -70,7 +70,9 @@ def _count(dump: Path) -> int:
     for line in dump.read_text().splitlines():
         if line.startswith("totals:"):
             return int(line.split()[1])
-    raise RuntimeError(f"no instruction total in {dump}: did callgrind dump?")
+    raise RuntimeError(
+        f"no instruction total found in {dump}: the callgrind dump is incomplete"
+    )
 
 
 def _run(
@@ -113,7 +115,10 @@ def _run(
     step = measured[0]
     dumps = sorted(workdir.glob(f"{out.name}.*"))
     if not dumps:
-        raise RuntimeError(f"callgrind wrote no dump for {name} in {workdir}")
+        raise RuntimeError(
+            f"callgrind wrote no dump for {name}: check that callgrind_control "
+            "can reach the gateway process (valgrind's vgdb)"
+        )
     instructions = _count(dumps[0])  # the dump taken at the end of the measured step
     return {
         "sent": step.sent,

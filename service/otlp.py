@@ -224,7 +224,7 @@ class _Encoder:
 
     def __init__(self) -> None:
         self._tags: dict[bytes, dict[str, _Key]] = {}  # field tag -> key -> _Key
-        self._cached = 0  # string fields held by all the _Key objects
+        self._cached = 0  # string fields cached in all the _Key objects
         self._names: dict[tuple[str, int], bytes] = {}  # span name and kind fields
 
     def attributes(self, tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
@@ -242,9 +242,11 @@ class _Encoder:
         for key, value in attributes.items():
             entry = keys.get(key)
             if entry is None:
-                if not isinstance(key, str):  # as the official encoder, skip it
+                if not isinstance(
+                    key, str
+                ):  # skipped, as the official encoder skips it
                     logger.error(
-                        "span attribute key %r not exported: not a string", key
+                        "span attribute key %r not exported: keys must be strings", key
                     )
                     continue
                 entry = self._new_key(keys, key)
@@ -283,8 +285,8 @@ class _Encoder:
         return b"".join(parts)
 
     def _new_key(self, keys: dict[str, _Key], key: str) -> _Key:
-        if len(keys) >= _CACHE_MAX:  # keys that never repeat: start again
-            # Copied first: the HTTP routes' export thread may add a key meanwhile.
+        if len(keys) >= _CACHE_MAX:  # full of keys that never repeat, so start again
+            # Copied first, because the HTTP routes' export thread may add a key.
             entries = list(keys.values())
             self._cached -= sum(len(k.values) for k in entries if k.values)
             keys.clear()
@@ -689,8 +691,8 @@ class SpanQueue:
         except Exception:  # a span must never fail the message it describes
             logger.exception("encoding span %r or its children failed", span.name)
             return
-        # Wake the sending thread once, as the queue reaches a batch: setting
-        # the event again on every span until that thread runs costs a lock each.
+        # Wake the sending thread once, as the queue reaches a batch. Setting the
+        # event again on every span until that thread runs would cost a lock each.
         if waiting < self._batch_size <= waiting + count:
             self._wake.set()
 
@@ -701,7 +703,7 @@ class SpanQueue:
 
     def _run(self) -> None:
         while not self._stopping:
-            if len(self._spans) < self._batch_size:  # else a batch waits already
+            if len(self._spans) < self._batch_size:  # otherwise a full batch is waiting
                 self._wake.wait(self._delay)
             self._wake.clear()
             self._send_waiting()
