@@ -30,11 +30,28 @@ from service.errors import (
     TextTooLong,
 )
 from service.indexer import Indexer, IndexItem
+from service.message_span import (
+    BATCH_ID,
+    BATCH_WAIT,
+    BODY_SIZE,
+    CONVERSATION_ID,
+    DUPLICATE,
+    EMIT_NAME,
+    ENQUEUE_NAME,
+    MESSAGE_ID,
+    MESSAGE_NAME,
+    MessageSpan,
+    emit_attributes,
+    enqueue_attributes,
+    socket_attributes,
+    start_message_span,
+    takes_message_spans,
+)
 from service.metrics import Metrics
 from service.ratelimit import TokenBucket
 from service.settings import Settings
 from service.store import message_view
-from service.tracing import ROOM_TEMPLATE, Tracing, extract_context
+from service.tracing import Tracing, extract_context
 from service.writer import BatchWriter
 
 __all__ = ["Incoming", "MessageService", "validate_payload"]
@@ -43,8 +60,6 @@ logger = logging.getLogger("chat.messages")
 _ALLOWED_KEYS = frozenset({"client_msg_id", "text", "traceparent"})
 
 Fanout = Callable[[str, dict[str, Any]], Awaitable[int]]
-_MESSAGE_SPAN = "send_message " + ROOM_TEMPLATE
-_EMIT_SPAN = "emit " + ROOM_TEMPLATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +147,10 @@ class MessageService:
         self._writer = writer
         self._indexer = indexer
         self._fanout = fanout
+        # The tracer that starts MessageSpan objects, if this one may.
+        self._message_tracer = (
+            tracing.tracer if takes_message_spans(tracing.tracer) else None
+        )
         self._user_buckets: dict[str, TokenBucket] = {}
         self.accepted_count = 0
         self.in_flight = 0  # messages between receive and ack, for the drain
@@ -212,20 +231,15 @@ class MessageService:
         if not self._tracing.enabled:
             return None
         traceparent = payload.get("traceparent") if isinstance(payload, dict) else None
+        context = extract_context(traceparent, tracestate) or parent
+        socket = (principal.room, principal.user, principal.role, client_id or "")
+        if self._message_tracer is not None:
+            return start_message_span(self._message_tracer, context, socket)
         return self._tracing.tracer.start_span(
-            _MESSAGE_SPAN,
-            context=extract_context(traceparent, tracestate) or parent,
+            MESSAGE_NAME,
+            context=context,
             kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "socketio",
-                "messaging.operation.type": "process",
-                "messaging.operation.name": "send_message",
-                "messaging.destination.name": principal.room,
-                "messaging.destination.template": ROOM_TEMPLATE,
-                "messaging.client.id": client_id or "",
-                "enduser.id": principal.user,
-                "chat.role": principal.role,
-            },
+            attributes=socket_attributes(socket),
         )
 
     async def _process(
@@ -237,15 +251,18 @@ class MessageService:
         context: SpanContext | None,
     ) -> dict[str, Any]:
         incoming = validate_payload(payload, self._settings)
-        if span is not None:
+        if type(span) is MessageSpan:  # fields: see service.message_span
+            span.conversation_id = incoming.client_msg_id
+            span.body_size = len(incoming.text.encode())
+        elif span is not None:
             span.set_attributes(
                 {
-                    "messaging.message.conversation_id": incoming.client_msg_id,
-                    "messaging.message.body.size": len(incoming.text.encode()),
+                    CONVERSATION_ID: incoming.client_msg_id,
+                    BODY_SIZE: len(incoming.text.encode()),
                 }
             )
-            if self._settings.index_text_in_spans:
-                span.set_attribute("chat.message.text", incoming.text)
+        if span is not None and self._settings.index_text_in_spans:
+            span.set_attribute("chat.message.text", incoming.text)
         self._check_rate(principal, socket_bucket)
 
         doc = {
@@ -270,13 +287,18 @@ class MessageService:
             raise StoreUnavailable(f"write failed: {type(exc).__name__}") from exc
 
         view = message_view(result.doc)
-        if span is not None:
+        if type(span) is MessageSpan:
+            span.message_id = view["id"]
+            span.batch_id = result.batch_id
+            span.batch_wait = result.queued_seconds
+            span.duplicate = result.duplicate
+        elif span is not None:
             span.set_attributes(
                 {
-                    "messaging.message.id": view["id"],
-                    "chat.batch.id": result.batch_id,
-                    "chat.batch.wait_seconds": result.queued_seconds,
-                    "chat.duplicate": result.duplicate,
+                    MESSAGE_ID: view["id"],
+                    BATCH_ID: result.batch_id,
+                    BATCH_WAIT: result.queued_seconds,
+                    DUPLICATE: result.duplicate,
                 }
             )
         ack = {"ok": True, "id": view["id"], "created_at": view["created_at"]}
@@ -331,7 +353,9 @@ class MessageService:
             if recording and span is not None:
                 self._emit_span(span, principal, view, started_ns, sockets, exc, True)
             raise
-        if recording and span is not None:
+        if type(span) is MessageSpan and error is None:
+            span.emit = (span.child_id(), started_ns, time.time_ns(), sockets)
+        elif recording and span is not None:
             self._emit_span(span, principal, view, started_ns, sockets, error, False)
         # The emit span shares the message span's trace, and so its trace id.
         self._metrics.fanout_traced.observe(time.perf_counter() - started, context)
@@ -348,17 +372,10 @@ class MessageService:
     ) -> None:
         self._tracing.add_child(
             span,
-            _EMIT_SPAN,
+            EMIT_NAME,
             SpanKind.PRODUCER,
             started_ns,
-            {
-                "messaging.system": "socketio",
-                "messaging.operation.type": "send",
-                "messaging.operation.name": "emit",
-                "messaging.destination.name": principal.room,
-                "messaging.message.id": view["id"],
-                "chat.fanout.sockets": sockets,
-            },
+            emit_attributes(principal.room, view["id"], sockets),
             error=error,
             escaped=escaped,
         )
@@ -374,18 +391,17 @@ class MessageService:
         try:
             queued = self._indexer.offer(IndexItem.from_doc(doc, context))
         finally:
-            if recording and span is not None:
-                # A full queue defers the message to the reconciler: not lost.
+            # A full queue defers the message to the reconciler: not lost.
+            outcome = "queued" if queued else "deferred"
+            if type(span) is MessageSpan:
+                span.hand_off = (span.child_id(), started_ns, time.time_ns(), outcome)
+            elif recording and span is not None:
                 self._tracing.add_child(
                     span,
-                    "enqueue index",
+                    ENQUEUE_NAME,
                     SpanKind.PRODUCER,
                     started_ns,
-                    {
-                        "messaging.system": "chat.indexer",
-                        "messaging.operation.type": "send",
-                        "chat.index.outcome": "queued" if queued else "deferred",
-                    },
+                    enqueue_attributes(outcome),
                 )
 
 

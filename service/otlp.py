@@ -41,6 +41,17 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
+from service import message_span
+from service.message_span import (
+    EMIT_NAME,
+    ENQUEUE_NAME,
+    FIELD_KEYS,
+    MessageSpan,
+    Socket,
+    emit_room_attributes,
+    enqueue_attributes,
+    socket_attributes,
+)
 from service.spans import UNSET_STATUS, LeanSpan
 
 __all__ = ["HttpSpanExporter", "SpanQueue", "encode_spans", "grpc_span_exporter"]
@@ -170,6 +181,66 @@ _INT_BODY = tuple(
 )
 
 
+def _head(key_field: bytes, value_head: bytes, size: int) -> bytes:
+    """Return a span attribute's field up to its last ``size`` bytes of value."""
+    total = len(key_field) + len(value_head) + size
+    return (
+        b"\x4a"
+        + (_SMALL[total] if total < 16384 else _varint_bytes(total))
+        + key_field
+        + value_head
+    )
+
+
+class _FixedKey:
+    """The fields of one span attribute key, made once (tag 0x4a)."""
+
+    __slots__ = ("booleans", "float_head", "ints", "key_field", "str_heads")
+
+    def __init__(self, key: str) -> None:
+        self.key_field = key_field = _field(b"\x0a", key.encode())
+        self.str_heads = tuple(
+            _head(key_field, _STR_HEAD[size], size) for size in range(256)
+        )
+        self.ints = tuple(_head(key_field, _INT_BODY[n], 0) for n in range(256))
+        self.float_head = _head(key_field, b"\x12\x09\x21", 8)  # then 8 bytes
+        self.booleans = (
+            _head(key_field, b"\x12\x02\x10\x00", 0),
+            _head(key_field, b"\x12\x02\x10\x01", 0),
+        )
+
+    def string(self, data: bytes) -> bytes:
+        """Return the field of a string value, given as UTF-8."""
+        size = len(data)
+        if size < 256:
+            return self.str_heads[size] + data
+        head = _STR_HEAD[size] if size < _HEADS else _str_head(size)
+        return _keyed(b"\x4a", self.key_field, head, data)
+
+    def integer(self, value: int) -> bytes:
+        """Return the field of an int value."""
+        if 0 <= value < 256:
+            return self.ints[value]
+        body = b"\x18" + (
+            _SMALL[value] if 0 <= value < 16384 else _varint(_int64(value))
+        )
+        return _head(self.key_field, b"\x12" + _SMALL[len(body)], len(body)) + body
+
+
+_CONVERSATION_ID = _FixedKey(message_span.CONVERSATION_ID)
+_BODY_SIZE = _FixedKey(message_span.BODY_SIZE)
+_MESSAGE_ID = _FixedKey(message_span.MESSAGE_ID)
+_BATCH_ID = _FixedKey(message_span.BATCH_ID)
+_BATCH_WAIT = _FixedKey(message_span.BATCH_WAIT)
+_DUPLICATE = _FixedKey(message_span.DUPLICATE)
+_FANOUT_SOCKETS = _FixedKey(message_span.FANOUT_SOCKETS)
+_EMIT_NAME_KIND = _field(b"\x2a", EMIT_NAME.encode()) + _KINDS[id(SpanKind.PRODUCER)]
+_ENQUEUE_NAME_KIND = (
+    _field(b"\x2a", ENQUEUE_NAME.encode()) + _KINDS[id(SpanKind.PRODUCER)]
+)
+_NO_DROPS = (0, 0, 0)
+
+
 class _Grouping:
     """Groups by equal keys (resources, scopes), in first-seen order.
 
@@ -226,6 +297,10 @@ class _Encoder:
         self._tags: dict[bytes, dict[str, _Key]] = {}  # field tag -> key -> _Key
         self._cached = 0  # string fields cached in all the _Key objects
         self._names: dict[tuple[str, int], bytes] = {}  # span name and kind fields
+        # A message span's fields that only change with the socket: the
+        # span's and its fan-out's.
+        self._sockets: dict[Socket, tuple[bytes, bytes]] = {}
+        self._outcomes: dict[str, bytes] = {}  # a hand-off span's attributes
 
     def attributes(self, tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
         """Return ``attributes`` as repeated ``KeyValue`` fields of ``tag``.
@@ -348,23 +423,7 @@ class _Encoder:
         trace_id, span_id, _, _, trace_state = context[:5]
         high, low = trace_id >> 64, trace_id & _UINT64
         state = _field(b"\x1a", _trace_state(context)) if trace_state else b""
-        attributes = self.attributes
-        out = []
-        for child in span.children:
-            body = b"".join(
-                (
-                    _IDS.pack(b"\x0a\x10", high, low, b"\x12\x08", child.span_id),
-                    state,
-                    _PARENT.pack(b"\x22\x08", span_id),
-                    self._name_and_kind(child.name, child.kind),
-                    _TIMES.pack(b"\x39", child.start_time, b"\x41", child.end_time),
-                    attributes(b"\x4a", child.attributes),
-                    *(self._events(child.events) if child.events else ()),
-                    *_tail(child.status, False),
-                )
-            )
-            out.append(b"\x12" + _varint(len(body)) + body)
-
+        out = self._children(span, high, low, state) if span.children else []
         parent = span.parent
         remote = False
         parent_field = b""
@@ -377,13 +436,153 @@ class _Encoder:
             parent_field,
             self._name_and_kind(span.name, span.kind),
             _TIMES.pack(b"\x39", span.start_time, b"\x41", span.end_time or 0),
-            attributes(b"\x4a", span.attributes),
+            self.attributes(b"\x4a", span.attributes),
         ]
         parts += self._extras(span.drops, span.events, span.links)
         parts += _tail(span.status, remote)
         body = b"".join(parts)
         out.append(b"\x12" + _varint(len(body)) + body)
         return out
+
+    def _children(
+        self, span: LeanSpan, high: int, low: int, state: bytes
+    ) -> list[bytes]:
+        """Return the ``Span`` fields of the children recorded on ``span``."""
+        span_id = span.context[1]
+        out = []
+        for child in span.children:
+            body = b"".join(
+                (
+                    _IDS.pack(b"\x0a\x10", high, low, b"\x12\x08", child.span_id),
+                    state,
+                    _PARENT.pack(b"\x22\x08", span_id),
+                    self._name_and_kind(child.name, child.kind),
+                    _TIMES.pack(b"\x39", child.start_time, b"\x41", child.end_time),
+                    self.attributes(b"\x4a", child.attributes),
+                    *(self._events(child.events) if child.events else ()),
+                    *_tail(child.status, False),
+                )
+            )
+            out.append(b"\x12" + _varint(len(body)) + body)
+        return out
+
+    def message(self, span: MessageSpan) -> list[bytes]:
+        """Return the ``Span`` fields of a finished message span and its children.
+
+        The same fields as ``lean`` gives for the span once materialized,
+        but written from its fields: the attributes that only change with
+        the socket come from one cached field per socket, and the others
+        from heads made once per key.
+        """
+        socket = span.socket
+        extras = span.attributes
+        if socket is None or (extras and not FIELD_KEYS.isdisjoint(extras)):
+            span.materialize()  # a field's key set through the API as well
+            return self.lean(span)
+        try:
+            return self._message(span, socket, extras)
+        except UnicodeEncodeError:  # the generic path logs and skips the value
+            span.materialize()
+            return self.lean(span)
+
+    def _message(
+        self, span: MessageSpan, socket: Socket, extras: dict[str, Any]
+    ) -> list[bytes]:
+        blocks = self._sockets.get(socket)
+        if blocks is None:
+            if len(self._sockets) >= _CACHE_MAX:
+                self._sockets.clear()
+            blocks = self._sockets[socket] = (
+                self.attributes(b"\x4a", socket_attributes(socket)),
+                self.attributes(b"\x4a", emit_room_attributes(socket[0])),
+            )
+        context = span.context
+        trace_id, span_id, _, _, trace_state = context[:5]
+        high, low = trace_id >> 64, trace_id & _UINT64
+        state = _field(b"\x1a", _trace_state(context)) if trace_state else b""
+        out = self._children(span, high, low, state) if span.children else []
+        ids = _IDS.pack(b"\x0a\x10", high, low, b"\x12\x08", span_id)
+        parent_of_child = _PARENT.pack(b"\x22\x08", span_id)
+
+        message_id = span.message_id
+        mid = b"" if message_id is None else message_id.encode()
+        emit = span.emit
+        if emit is not None:
+            child_id, start, end, sockets = emit
+            body = b"".join(
+                (
+                    _IDS.pack(b"\x0a\x10", high, low, b"\x12\x08", child_id),
+                    state,
+                    parent_of_child,
+                    _EMIT_NAME_KIND,
+                    _TIMES.pack(b"\x39", start, b"\x41", end),
+                    blocks[1],
+                    _MESSAGE_ID.string(mid),
+                    _FANOUT_SOCKETS.integer(sockets),
+                    _TAIL_LOCAL,
+                )
+            )
+            out.append(b"\x12" + _varint(len(body)) + body)
+        hand_off = span.hand_off
+        if hand_off is not None:
+            child_id, start, end, outcome = hand_off
+            body = b"".join(
+                (
+                    _IDS.pack(b"\x0a\x10", high, low, b"\x12\x08", child_id),
+                    state,
+                    parent_of_child,
+                    _ENQUEUE_NAME_KIND,
+                    _TIMES.pack(b"\x39", start, b"\x41", end),
+                    self._outcome(outcome),
+                    _TAIL_LOCAL,
+                )
+            )
+            out.append(b"\x12" + _varint(len(body)) + body)
+
+        parent = span.parent
+        remote = False
+        parent_field = b""
+        if parent is not None:
+            _, parent_id, remote = parent[:3]
+            parent_field = _PARENT.pack(b"\x22\x08", parent_id)
+        parts = [
+            ids,
+            state,
+            parent_field,
+            self._name_and_kind(span.name, span.kind),
+            _TIMES.pack(b"\x39", span.start_time, b"\x41", span.end_time or 0),
+            blocks[0],
+        ]
+        conversation_id = span.conversation_id
+        if conversation_id is not None:
+            parts += (
+                _CONVERSATION_ID.string(conversation_id.encode()),
+                _BODY_SIZE.integer(span.body_size),
+            )
+        if message_id is not None:
+            parts += (
+                _MESSAGE_ID.string(mid),
+                _BATCH_ID.integer(span.batch_id),
+                _BATCH_WAIT.float_head + _pack_double(span.batch_wait),
+                _DUPLICATE.booleans[span.duplicate],
+            )
+        if extras:
+            parts.append(self.attributes(b"\x4a", extras))
+        if span.events or span.links or span.drops != _NO_DROPS:
+            parts += self._extras(span.drops, span.events, span.links)
+        parts += _tail(span.status, remote)
+        body = b"".join(parts)
+        out.append(b"\x12" + _varint(len(body)) + body)
+        return out
+
+    def _outcome(self, outcome: str) -> bytes:
+        field = self._outcomes.get(outcome)
+        if field is None:
+            if len(self._outcomes) >= _CACHE_MAX:
+                self._outcomes.clear()
+            field = self.attributes(b"\x4a", enqueue_attributes(outcome))
+            self._outcomes[outcome] = field
+        return field
 
     @staticmethod
     def _head(context: SpanContext, span_id: int, parent_id: int | None) -> list[bytes]:
@@ -673,8 +872,17 @@ class SpanQueue:
     def add(self, span: Any) -> None:
         """Encode a finished, sampled span and its children and queue them, logging any error."""
         spans = self._spans
-        count = 1 + len(span.children)
         waiting = len(spans)
+        try:  # children first, as they ended
+            encoded = (
+                _encoder.message(span)
+                if type(span) is MessageSpan
+                else _encoder.lean(span)
+            )
+        except Exception:  # a span must never fail the message it describes
+            logger.exception("encoding span %r or its children failed", span.name)
+            return
+        count = len(encoded)
         if waiting + count > self._max_queue_size or self._stopping:
             self.dropped += count
             now = time.monotonic()
@@ -686,11 +894,7 @@ class SpanQueue:
                     self.dropped,
                 )
             return
-        try:
-            spans.extend(_encoder.lean(span))  # children first, as they ended
-        except Exception:  # a span must never fail the message it describes
-            logger.exception("encoding span %r or its children failed", span.name)
-            return
+        spans.extend(encoded)
         # Wake the sending thread once, as the queue reaches a batch. Setting the
         # event again on every span until that thread runs would cost a lock each.
         if waiting < self._batch_size <= waiting + count:

@@ -618,6 +618,39 @@ class LeanTracer(trace.Tracer):
         )
         return result.decision, result.attributes, result.trace_state
 
+    def begin(
+        self,
+        name: str,
+        context: context_api.Context | None,
+        kind: SpanKind,
+        attributes: Attributes,
+        links: Sequence[Link],
+    ) -> tuple[SpanContext, SpanContext | None, Decision, Attributes]:
+        """Return a new span's context, its valid parent, the sampler's decision
+        and the attributes the sampler returned.
+
+        The parent is the span of ``context``, or of the current context.
+        """
+        parent: SpanContext | None = trace.get_current_span(context).get_span_context()
+        if parent is not None and parent.is_valid:
+            trace_id = parent.trace_id
+            random_id = parent.trace_flags.random_trace_id
+        else:
+            parent = None
+            trace_id = self.new_trace_id() or self.ids.generate_trace_id()
+            random_id = self.random_trace_ids
+        decision, sampled_attributes, state = self._sample(
+            context, parent, trace_id, name, kind, attributes, links
+        )
+        span_context = SpanContext(
+            trace_id,
+            self.new_span_id() or self.ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=_FLAGS[decision is Decision.RECORD_AND_SAMPLE, bool(random_id)],
+            trace_state=state,
+        )
+        return span_context, parent, decision, sampled_attributes
+
     def start_span(
         self,
         name: str,
@@ -629,25 +662,9 @@ class LeanTracer(trace.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> trace.Span:
-        parent: SpanContext | None = trace.get_current_span(context).get_span_context()
-        if parent is not None and parent.is_valid:
-            trace_id = parent.trace_id
-            random_id = parent.trace_flags.random_trace_id
-        else:
-            parent = None
-            trace_id = self.new_trace_id() or self.ids.generate_trace_id()
-            random_id = self.random_trace_ids
-
         links = list(links) if links else []
-        decision, sampled_attributes, state = self._sample(
-            context, parent, trace_id, name, kind, attributes, links
-        )
-        span_context = SpanContext(
-            trace_id,
-            self.new_span_id() or self.ids.generate_span_id(),
-            is_remote=False,
-            trace_flags=_FLAGS[decision is Decision.RECORD_AND_SAMPLE, bool(random_id)],
-            trace_state=state,
+        span_context, parent, decision, sampled_attributes = self.begin(
+            name, context, kind, attributes, links
         )
         if decision is Decision.DROP:
             return NonRecordingSpan(span_context)

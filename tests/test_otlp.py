@@ -47,6 +47,13 @@ from service.otlp import (
     encode_spans,
     grpc_span_exporter,
 )
+from service.message_span import (
+    EMIT_NAME,
+    FIELD_KEYS,
+    MessageSpan,
+    start_message_span,
+    takes_message_spans,
+)
 from service.spans import LeanTracer
 from service.tracing import Tracing, create_tracer_provider, extract_context
 from tests.test_spans import _story, add_child
@@ -518,6 +525,93 @@ def test_queued_spans_encode_as_processed_spans() -> None:
     (body,) = sent.bodies
     ours = _without_ids(ExportTraceServiceRequest.FromString(body))
     assert ours == _without_ids(official_encode(expected))
+
+
+def _message_stories(tracer: LeanTracer) -> None:
+    """Message spans in the shapes the pipeline gives them, and some it never does."""
+    parent = extract_context(REMOTE, "vendor=a,other=b")
+    socket = ("task:t1", "olga", "operator", "sid-1")
+
+    span = start_message_span(tracer, parent, socket)  # accepted, stored, fanned out
+    assert isinstance(span, MessageSpan)
+    span.conversation_id, span.body_size = "cmid-é-世", 300
+    span.message_id, span.batch_id, span.batch_wait = "a" * 24, 70_000, 0.25
+    span.duplicate = False
+    span.emit = (span.child_id(), 1_000, 2_000, 2)
+    span.hand_off = (span.child_id(), 2_000, 3_000, "deferred")
+    span.end()
+
+    span = start_message_span(tracer, None, ("task:t2", "bob", "manager", ""))
+    assert isinstance(span, MessageSpan)  # rejected: a status and an extra attribute
+    span.conversation_id, span.body_size = "x" * 300, 0
+    span.set_status(Status(StatusCode.ERROR, "rate_limited"))
+    span.set_attribute("error.type", "rate_limited")
+    span.end()
+
+    span = start_message_span(tracer, None, socket)
+    assert isinstance(span, MessageSpan)  # a duplicate, with the text attribute
+    span.conversation_id, span.body_size = "cmid-2", 5
+    span.set_attribute("chat.message.text", "hello")
+    span.message_id, span.batch_id, span.duplicate = "b" * 24, 3, True
+    span.end()
+
+    span = start_message_span(tracer, None, socket)
+    assert isinstance(span, MessageSpan)  # a failed fan-out, then an exception
+    span.conversation_id, span.body_size = "cmid-3", 5
+    span.message_id = "c" * 24
+    add_child(tracer, span, EMIT_NAME, {"chat.fanout.sockets": 0}, OSError("gone"))
+    span.hand_off = (span.child_id(), 2_000, 3_000, "queued")
+    span.record_exception(ValueError("late"))
+    span.end()
+
+    span = start_message_span(tracer, None, socket)
+    assert isinstance(span, MessageSpan)  # a field's key set through the API
+    span.message_id = "d" * 24
+    span.set_attribute("messaging.message.id", "replaced")
+    span.emit = (span.child_id(), 1_000, 2_000, 1)
+    span.end()
+
+
+def test_message_spans_encode_as_processed_spans() -> None:
+    """A MessageSpan's fields reach the collector as the SDK processors see them."""
+    resource = Resource({"service.name": "chat-gateway"})
+    processed = TracerProvider(resource=resource)
+    queued = TracerProvider(resource=resource)
+    sent = _Sent()
+    queue = SpanQueue(sent, resource, InstrumentationScope("chat-gateway", __version__))
+    exporter = InMemorySpanExporter()
+    processed.add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        for provider, span_queue in ((processed, None), (queued, queue)):
+            tracer = LeanTracer(
+                provider.get_tracer("chat-gateway", __version__),
+                "chat-gateway",
+                __version__,
+                queue=span_queue,
+            )
+            assert takes_message_spans(tracer)
+            _message_stories(tracer)
+        assert queue.force_flush(10)
+    finally:
+        queue.shutdown()
+        processed.shutdown()
+        queued.shutdown()
+
+    expected = exporter.get_finished_spans()
+    assert len(expected) == 10
+    ours = ExportTraceServiceRequest()
+    for body in sent.bodies:
+        ours.MergeFromString(body)
+    ours = _without_ids(ours)
+    (resource_spans,) = ours.resource_spans
+    scope_spans = resource_spans.scope_spans
+    merged = scope_spans[0]
+    for extra in scope_spans[1:]:  # one request per batch: the same scope
+        merged.spans.extend(extra.spans)
+    del scope_spans[1:]
+    assert ours == _without_ids(official_encode(expected))
+    fields = {kv.key for span in merged.spans for kv in span.attributes}
+    assert FIELD_KEYS <= fields
 
 
 def test_queue_drops_beyond_its_size_and_counts(

@@ -1,0 +1,290 @@
+"""The span of one message, with its attributes kept in fields.
+
+Every traced message has a span with 14 attributes and two children, the
+fan-out (``emit``) and the hand-off to the indexer (``enqueue index``), with
+the same keys on every message. Eight of the span's attributes and four of
+the fan-out's only change with the socket. Kept in dicts and encoded key by
+key, they took most of what tracing every message cost the gateway.
+
+``MessageSpan`` is a ``LeanSpan`` whose message attributes are fields set by
+the pipeline, and whose two children are tuples. The gateway's span queue
+encodes it from tables made once per key and per socket
+(``service.otlp``). Any other span processor receives the same spans as from
+a ``LeanSpan`` with those attributes and children: ``materialize`` turns the
+fields into them first. Attributes set through the span API go to the span's
+own dict as usual, and are exported after the fields.
+
+The functions below give the attributes of both forms, so that the
+pipeline's spans carry the same keys whichever form a tracer gets.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeGuard
+
+from opentelemetry import context as context_api
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind
+
+from service.spans import UNSET_STATUS, LeanSpan, LeanTracer, _Child
+from service.tracing import ROOM_TEMPLATE
+
+__all__ = [
+    "BATCH_ID",
+    "BATCH_WAIT",
+    "BODY_SIZE",
+    "CONVERSATION_ID",
+    "DUPLICATE",
+    "EMIT_NAME",
+    "ENQUEUE_NAME",
+    "FANOUT_SOCKETS",
+    "FIELD_KEYS",
+    "MESSAGE_ID",
+    "MESSAGE_NAME",
+    "MessageSpan",
+    "Socket",
+    "emit_attributes",
+    "emit_room_attributes",
+    "enqueue_attributes",
+    "socket_attributes",
+    "start_message_span",
+    "takes_message_spans",
+]
+
+MESSAGE_NAME = "send_message " + ROOM_TEMPLATE
+EMIT_NAME = "emit " + ROOM_TEMPLATE
+ENQUEUE_NAME = "enqueue index"
+
+# (room, user id, role, Socket.IO session id or "")
+Socket = tuple[str, str, str, str]
+
+CONVERSATION_ID = "messaging.message.conversation_id"
+BODY_SIZE = "messaging.message.body.size"
+MESSAGE_ID = "messaging.message.id"
+BATCH_ID = "chat.batch.id"
+BATCH_WAIT = "chat.batch.wait_seconds"
+DUPLICATE = "chat.duplicate"
+FANOUT_SOCKETS = "chat.fanout.sockets"
+
+
+def socket_attributes(socket: Socket) -> dict[str, Any]:
+    """Return the attributes a message span starts with."""
+    room, user, role, client_id = socket
+    return {
+        "messaging.system": "socketio",
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "send_message",
+        "messaging.destination.name": room,
+        "messaging.destination.template": ROOM_TEMPLATE,
+        "messaging.client.id": client_id,
+        "enduser.id": user,
+        "chat.role": role,
+    }
+
+
+def emit_room_attributes(room: str) -> dict[str, Any]:
+    """Return the attributes of a fan-out span that only change with the room."""
+    return {
+        "messaging.system": "socketio",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "emit",
+        "messaging.destination.name": room,
+    }
+
+
+def emit_attributes(room: str, message_id: str, sockets: int) -> dict[str, Any]:
+    """Return the attributes of a fan-out span."""
+    return {
+        **emit_room_attributes(room),
+        MESSAGE_ID: message_id,
+        FANOUT_SOCKETS: sockets,
+    }
+
+
+def enqueue_attributes(outcome: str) -> dict[str, Any]:
+    """Return the attributes of a hand-off span: ``queued`` or ``deferred``."""
+    return {
+        "messaging.system": "chat.indexer",
+        "messaging.operation.type": "send",
+        "chat.index.outcome": outcome,
+    }
+
+
+# Keys a message span holds in fields; set through the API, they are merged.
+FIELD_KEYS = frozenset(
+    [
+        *socket_attributes(("", "", "", "")),
+        CONVERSATION_ID,
+        BODY_SIZE,
+        MESSAGE_ID,
+        BATCH_ID,
+        BATCH_WAIT,
+        DUPLICATE,
+    ]
+)
+
+
+class MessageSpan(LeanSpan):
+    """A message's span; see the module docstring.
+
+    The pipeline sets ``conversation_id`` and ``body_size`` once the payload
+    is valid, ``message_id``, ``batch_id``, ``batch_wait`` and ``duplicate``
+    once it is stored. ``emit`` and ``hand_off`` are the children, each
+    ``(span id, start, end, x)`` with x the number of sockets reached or the
+    hand-off's outcome. ``socket`` is None once ``materialize`` has run.
+    """
+
+    __slots__ = (
+        "batch_id",
+        "batch_wait",
+        "body_size",
+        "conversation_id",
+        "duplicate",
+        "emit",
+        "hand_off",
+        "message_id",
+        "socket",
+    )
+
+    def __init__(
+        self,
+        tracer: LeanTracer,
+        context: SpanContext,
+        parent: SpanContext | None,
+        socket: Socket,
+    ) -> None:
+        super().__init__(
+            tracer,
+            MESSAGE_NAME,
+            context,
+            parent,
+            SpanKind.CONSUMER,
+            {},
+            [],
+            None,
+            on_exception=(True, True),
+            sampled=True,
+        )
+        self.socket: Socket | None = socket
+        self.conversation_id: str | None = None
+        self.body_size = 0
+        self.message_id: str | None = None
+        self.batch_id = 0
+        self.batch_wait = 0.0
+        self.duplicate = False
+        self.emit: tuple[int, int, int, int] | None = None
+        self.hand_off: tuple[int, int, int, str] | None = None
+
+    def child_id(self) -> int:
+        """Return a new span id for a child."""
+        tracer = self.tracer
+        return tracer.new_span_id() or tracer.ids.generate_span_id()
+
+    def materialize(self) -> None:
+        """Turn the fields into attributes and recorded children, once.
+
+        The attributes come in the order the pipeline sets them, then those
+        set through the span API, which replace a field of the same key.
+        """
+        socket = self.socket
+        if socket is None:
+            return
+        self.socket = None
+        attributes = socket_attributes(socket)
+        if self.conversation_id is not None:
+            attributes[CONVERSATION_ID] = self.conversation_id
+            attributes[BODY_SIZE] = self.body_size
+        if self.message_id is not None:
+            attributes[MESSAGE_ID] = self.message_id
+            attributes[BATCH_ID] = self.batch_id
+            attributes[BATCH_WAIT] = self.batch_wait
+            attributes[DUPLICATE] = self.duplicate
+        for key, value in self.attributes.items():
+            attributes.pop(key, None)  # set again: moved to the end
+            attributes[key] = value
+        self.attributes = attributes
+
+        children = list(self.children)
+        if self.emit is not None:
+            span_id, start, end, sockets = self.emit
+            message_id = self.message_id or ""
+            attributes = emit_attributes(socket[0], message_id, sockets)
+            children.append(
+                _Child(
+                    EMIT_NAME,
+                    SpanKind.PRODUCER,
+                    span_id,
+                    start,
+                    end,
+                    attributes,
+                    UNSET_STATUS,
+                    (),
+                )
+            )
+        if self.hand_off is not None:
+            span_id, start, end, outcome = self.hand_off
+            children.append(
+                _Child(
+                    ENQUEUE_NAME,
+                    SpanKind.PRODUCER,
+                    span_id,
+                    start,
+                    end,
+                    enqueue_attributes(outcome),
+                    UNSET_STATUS,
+                    (),
+                )
+            )
+        self.emit = self.hand_off = None
+        self.children = children
+
+    def end(self, end_time: int | None = None) -> None:
+        if not self._ended and self.tracer.queue is None:
+            self.materialize()  # the span processors read attributes and children
+        super().end(end_time)
+
+
+def start_message_span(
+    tracer: LeanTracer, context: context_api.Context | None, socket: Socket
+) -> Span:
+    """Start the span of a message received on ``socket``.
+
+    ``context`` holds the parent (the client's traceparent); None takes the
+    current context, as ``Tracer.start_span`` does. A message the sampler
+    drops gets a non-recording span, as from ``start_span``.
+    """
+    span_context, parent, decision, _ = tracer.begin(
+        MESSAGE_NAME, context, SpanKind.CONSUMER, None, ()
+    )
+    if decision is Decision.RECORD_AND_SAMPLE:
+        return MessageSpan(tracer, span_context, parent, socket)
+    if decision is Decision.DROP:
+        return NonRecordingSpan(span_context)
+    return LeanSpan(  # recorded but not sampled: never exported
+        tracer,
+        MESSAGE_NAME,
+        span_context,
+        parent,
+        SpanKind.CONSUMER,
+        socket_attributes(socket),
+        [],
+        None,
+        on_exception=(True, True),
+        sampled=False,
+    )
+
+
+def takes_message_spans(tracer: object) -> TypeGuard[LeanTracer]:
+    """Return whether message spans of ``tracer`` may be ``MessageSpan`` objects.
+
+    They need a ``LeanTracer`` whose sampler decides for the message span
+    without reading its attributes and samples every child of a sampled
+    span (the built-in samplers), no attribute length limit, and room for
+    the fields under the attribute count limit.
+    """
+    return (
+        isinstance(tracer, LeanTracer)
+        and tracer.children_follow_parent
+        and tracer.limits.attributes >= 32
+        and tracer.limits.events >= 1
+    )
