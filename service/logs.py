@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +36,8 @@ kpi_logger = logging.getLogger("chat.kpi")
 _STANDARD_ATTRS = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
 ) | {"message", "asctime", "taskName", "color_message", "websocket"}
+# When the logging module was loaded, which relativeCreated counts from.
+_LOGGING_START: float = getattr(logging, "_startTime", time.time())
 _SECRET_HINTS = ("token", "secret", "password", "api_key", "authorization")
 
 
@@ -112,6 +115,38 @@ def configure_logging(level: str = "INFO") -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class _KpiRecord(logging.LogRecord):
+    """The record of a KPI line, with every attribute of a ``LogRecord``.
+
+    ``LogRecord.__init__`` splits the caller's path into file and module
+    names on every record, which a KPI line never shows, and the per-write
+    line is written on the message path. This record sets the values that
+    ``configure_logging`` leaves the others with, so any handler, filter or
+    formatter can still read it.
+    """
+
+    def __init__(self, metric: str, kpi: dict[str, Any]) -> None:
+        # LogRecord.__init__ is not called: it is the cost this class avoids.
+        created = time.time()
+        self.name = kpi_logger.name
+        self.msg = metric
+        self.args = None
+        self.levelno = logging.INFO
+        self.levelname = "INFO"
+        self.pathname = self.filename = "(unknown file)"
+        self.module = "(unknown module)"
+        self.lineno = 0
+        self.funcName = "(unknown function)"
+        self.created = created
+        self.msecs = int((created - int(created)) * 1000) + 0.0
+        self.relativeCreated = (created - _LOGGING_START) * 1000
+        self.thread = self.threadName = None
+        self.process = self.processName = None
+        self.exc_info = self.exc_text = self.stack_info = None
+        self.kpi = kpi
+
+
 def log_kpi(metric: str, **fields: float | int) -> None:
     """Write one KPI line in the documented shape."""
-    kpi_logger.info(metric, extra={"kpi": {"metric": metric, **fields}})
+    if kpi_logger.isEnabledFor(logging.INFO):
+        kpi_logger.handle(_KpiRecord(metric, {"metric": metric, **fields}))

@@ -176,6 +176,8 @@ def _keyed(tag: bytes, key_field: bytes, head: bytes, data: bytes) -> bytes:
 # Value fields made once: the heads of strings by length, and small ints.
 _HEADS = 2048
 _STR_HEAD = tuple(_str_head(size) for size in range(_HEADS))
+_INT64_LIMIT = 1 << 63
+_BOOL_BODY = (b"\x12\x02\x10\x00", b"\x12\x02\x10\x01")  # false, true
 _INT_BODY = tuple(
     _value_head(1 + len(_varint(n))) + b"\x18" + _varint(n) for n in range(_HEADS)
 )
@@ -205,8 +207,8 @@ class _FixedKey:
         self.ints = tuple(_head(key_field, _INT_BODY[n], 0) for n in range(256))
         self.float_head = _head(key_field, b"\x12\x09\x21", 8)  # then 8 bytes
         self.booleans = (
-            _head(key_field, b"\x12\x02\x10\x00", 0),
-            _head(key_field, b"\x12\x02\x10\x01", 0),
+            _head(key_field, _BOOL_BODY[0], 0),
+            _head(key_field, _BOOL_BODY[1], 0),
         )
 
     def string(self, data: bytes) -> bytes:
@@ -345,11 +347,18 @@ class _Encoder:
                     self._keep(entry, value, field)
             elif kind is int and 0 <= value < _HEADS:
                 field = _keyed(tag, entry.key_field, _INT_BODY[value], b"")
+            elif kind is int and 0 <= value < _INT64_LIMIT:
+                body = b"\x18" + (
+                    _SMALL[value] if value < 16384 else _varint_bytes(value)
+                )
+                field = _keyed(tag, entry.key_field, b"\x12" + _SMALL[len(body)], body)
             elif kind is float:
                 field = _keyed(
                     tag, entry.key_field, b"\x12\x09\x21", _pack_double(value)
                 )
-            else:  # bools, large or negative ints, sequences, mappings, bytes
+            elif kind is bool:
+                field = _keyed(tag, entry.key_field, _BOOL_BODY[value], b"")
+            else:  # negative ints, sequences, mappings, bytes
                 try:
                     body = _any_value(value)
                 except (TypeError, ValueError):
