@@ -23,14 +23,24 @@ from __future__ import annotations
 from typing import Any, TypeGuard
 
 from opentelemetry import context as context_api
+from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace.sampling import Decision
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind
 
-from service.spans import UNSET_STATUS, LeanSpan, LeanTracer, _Child
+from service.spans import (
+    UNSET_STATUS,
+    LeanSpan,
+    LeanTracer,
+    SharedAttributes,
+    _Child,
+)
 from service.tracing import ROOM_TEMPLATE
 
 __all__ = [
+    "BATCH_DUPLICATES",
     "BATCH_ID",
+    "BATCH_SIZE",
     "BATCH_WAIT",
     "BODY_SIZE",
     "CONVERSATION_ID",
@@ -41,19 +51,30 @@ __all__ = [
     "FIELD_KEYS",
     "MESSAGE_ID",
     "MESSAGE_NAME",
+    "WRITE_FIELD_KEYS",
+    "WRITE_NAME",
     "MessageSpan",
     "Socket",
+    "WriteSpan",
     "emit_attributes",
     "emit_room_attributes",
     "enqueue_attributes",
     "socket_attributes",
     "start_message_span",
+    "start_write_span",
+    "start_write_span_with_links",
     "takes_message_spans",
+    "takes_write_spans",
 ]
 
 MESSAGE_NAME = "send_message " + ROOM_TEMPLATE
 EMIT_NAME = "emit " + ROOM_TEMPLATE
 ENQUEUE_NAME = "enqueue index"
+WRITE_NAME = "insert messages"
+
+# A batch write starts a trace of its own, whatever context the writer runs
+# in. Passing an empty context also skips the lookup of the current one.
+_ROOT = Context()
 
 # (room, user id, role, Socket.IO session id or "")
 Socket = tuple[str, str, str, str]
@@ -65,6 +86,8 @@ BATCH_ID = "chat.batch.id"
 BATCH_WAIT = "chat.batch.wait_seconds"
 DUPLICATE = "chat.duplicate"
 FANOUT_SOCKETS = "chat.fanout.sockets"
+BATCH_SIZE = "db.operation.batch.size"
+BATCH_DUPLICATES = "chat.batch.duplicates"
 
 
 def socket_attributes(socket: Socket) -> dict[str, Any]:
@@ -122,6 +145,8 @@ FIELD_KEYS = frozenset(
         DUPLICATE,
     ]
 )
+# Keys a write span stores in fields.
+WRITE_FIELD_KEYS = frozenset([BATCH_SIZE, BATCH_ID, BATCH_DUPLICATES])
 
 
 class MessageSpan(LeanSpan):
@@ -288,3 +313,131 @@ def takes_message_spans(tracer: object) -> TypeGuard[LeanTracer]:
         and tracer.limits.attributes >= 32
         and tracer.limits.events >= 1
     )
+
+
+class WriteSpan(LeanSpan):
+    """The span of one MongoDB batch write, linked to the spans of its messages.
+
+    ``linked`` is the list of the sampled message spans' contexts, where a
+    ``LeanSpan`` would make a ``Link`` of each. The attributes are the
+    shared ones (the server's), then ``batch_size``, ``batch_id`` and, once
+    the write is done, ``duplicates``. ``linked`` is None once
+    ``materialize`` has run.
+    """
+
+    __slots__ = ("batch_id", "batch_size", "duplicates", "linked")
+
+    def __init__(
+        self,
+        tracer: LeanTracer,
+        context: SpanContext,
+        shared: SharedAttributes,
+        linked: list[SpanContext],
+        batch_size: int,
+        batch_id: int,
+    ) -> None:
+        super().__init__(
+            tracer,
+            WRITE_NAME,
+            context,
+            None,
+            SpanKind.CLIENT,
+            {},
+            [],
+            None,
+            on_exception=(True, True),
+            sampled=True,
+        )
+        self.shared = shared
+        self.linked: list[SpanContext] | None = linked
+        self.batch_size = batch_size
+        self.batch_id = batch_id
+        self.duplicates: int | None = None
+
+    def unshare(self) -> None:
+        self.materialize()  # the fields stay after the shared attributes
+
+    def materialize(self) -> None:
+        """Turn the fields into attributes and links, once.
+
+        The attributes come in the order the writer sets them, then those set
+        through the span API, which replace a field of the same key.
+        """
+        linked = self.linked
+        if linked is None:
+            return
+        self.linked = None
+        attributes = dict(self.shared or {})
+        self.shared = None
+        attributes[BATCH_SIZE] = self.batch_size
+        attributes[BATCH_ID] = self.batch_id
+        if self.duplicates is not None:
+            attributes[BATCH_DUPLICATES] = self.duplicates
+        for key, value in self.attributes.items():
+            attributes.pop(key, None)  # set again: moved to the end
+            attributes[key] = value
+        self.attributes = attributes
+        self.links = [*(Link(context) for context in linked), *self.links]
+
+    def end(self, end_time: int | None = None) -> None:
+        if not self._ended and self.tracer.queue is None:
+            self.materialize()  # the span processors read attributes and links
+        super().end(end_time)
+
+
+def takes_write_spans(tracer: object) -> TypeGuard[LeanTracer]:
+    """Return whether batch write spans of ``tracer`` may be ``WriteSpan`` objects.
+
+    They need a ``LeanTracer`` with no attribute length limit and room for
+    the fields under the attribute count limit. A batch with more message
+    spans than the link limit gets a span of the usual kind.
+    """
+    return (
+        isinstance(tracer, LeanTracer)
+        and tracer.limits.length is None
+        and tracer.limits.attributes >= 32
+    )
+
+
+def start_write_span(
+    tracer: LeanTracer,
+    shared: SharedAttributes,
+    linked: list[SpanContext],
+    batch_size: int,
+    batch_id: int,
+) -> Span:
+    """Start the span of a batch write: a new trace, linked to ``linked``.
+
+    The sampler decides as for a span without attributes or links, which
+    the built-in samplers do not read. A dropped span is a non-recording
+    one, as from ``start_span``.
+    """
+    if len(linked) > tracer.limits.links:
+        return start_write_span_with_links(tracer, shared, linked, batch_size, batch_id)
+    span_context, _, decision, _ = tracer.begin(
+        WRITE_NAME, _ROOT, SpanKind.CLIENT, None, ()
+    )
+    if decision is Decision.RECORD_AND_SAMPLE:
+        return WriteSpan(tracer, span_context, shared, linked, batch_size, batch_id)
+    if decision is Decision.DROP:
+        return NonRecordingSpan(span_context)
+    return start_write_span_with_links(tracer, shared, linked, batch_size, batch_id)
+
+
+def start_write_span_with_links(
+    tracer: trace.Tracer,
+    shared: SharedAttributes,
+    linked: list[SpanContext],
+    batch_size: int,
+    batch_id: int,
+) -> Span:
+    """Start the span of a batch write through ``tracer.start_span``, with links."""
+    span: Span = tracer.start_span(
+        WRITE_NAME,
+        context=_ROOT,
+        kind=SpanKind.CLIENT,
+        links=[Link(context) for context in linked],
+        attributes=shared,
+    )
+    span.set_attributes({BATCH_SIZE: batch_size, BATCH_ID: batch_id})
+    return span

@@ -46,8 +46,10 @@ from service.message_span import (
     EMIT_NAME,
     ENQUEUE_NAME,
     FIELD_KEYS,
+    WRITE_FIELD_KEYS,
     MessageSpan,
     Socket,
+    WriteSpan,
     emit_room_attributes,
     enqueue_attributes,
     socket_attributes,
@@ -236,6 +238,8 @@ _BATCH_ID = _FixedKey(message_span.BATCH_ID)
 _BATCH_WAIT = _FixedKey(message_span.BATCH_WAIT)
 _DUPLICATE = _FixedKey(message_span.DUPLICATE)
 _FANOUT_SOCKETS = _FixedKey(message_span.FANOUT_SOCKETS)
+_BATCH_SIZE = _FixedKey(message_span.BATCH_SIZE)
+_BATCH_DUPLICATES = _FixedKey(message_span.BATCH_DUPLICATES)
 _EMIT_NAME_KIND = _field(b"\x2a", EMIT_NAME.encode()) + _KINDS[id(SpanKind.PRODUCER)]
 _ENQUEUE_NAME_KIND = (
     _field(b"\x2a", ENQUEUE_NAME.encode()) + _KINDS[id(SpanKind.PRODUCER)]
@@ -303,6 +307,7 @@ class _Encoder:
         # span's and its fan-out's.
         self._sockets: dict[Socket, tuple[bytes, bytes]] = {}
         self._outcomes: dict[str, bytes] = {}  # a hand-off span's attributes
+        self._batch = (-1, b"")  # the last batch id of a message span, and its field
 
     def attributes(self, tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
         """Return ``attributes`` as repeated ``KeyValue`` fields of ``tag``.
@@ -445,8 +450,14 @@ class _Encoder:
             parent_field,
             self._name_and_kind(span.name, span.kind),
             _TIMES.pack(b"\x39", span.start_time, b"\x41", span.end_time or 0),
-            self.attributes(b"\x4a", span.attributes),
         ]
+        shared = span.shared
+        if shared is not None:
+            encoded = shared.encoded
+            if encoded is None:
+                encoded = shared.encoded = self.attributes(b"\x4a", shared)
+            parts.append(encoded)
+        parts.append(self.attributes(b"\x4a", span.attributes))
         parts += self._extras(span.drops, span.events, span.links)
         parts += _tail(span.status, remote)
         body = b"".join(parts)
@@ -514,7 +525,9 @@ class _Encoder:
         parent_of_child = _PARENT.pack(b"\x22\x08", span_id)
 
         message_id = span.message_id
-        mid = b"" if message_id is None else message_id.encode()
+        id_field = (
+            b"" if message_id is None else _MESSAGE_ID.string(message_id.encode())
+        )
         emit = span.emit
         if emit is not None:
             child_id, start, end, sockets = emit
@@ -526,8 +539,10 @@ class _Encoder:
                     _EMIT_NAME_KIND,
                     _TIMES.pack(b"\x39", start, b"\x41", end),
                     blocks[1],
-                    _MESSAGE_ID.string(mid),
-                    _FANOUT_SOCKETS.integer(sockets),
+                    id_field,
+                    _FANOUT_SOCKETS.ints[sockets]
+                    if 0 <= sockets < 256
+                    else _FANOUT_SOCKETS.integer(sockets),
                     _TAIL_LOCAL,
                 )
             )
@@ -564,14 +579,19 @@ class _Encoder:
         ]
         conversation_id = span.conversation_id
         if conversation_id is not None:
+            size = span.body_size
             parts += (
                 _CONVERSATION_ID.string(conversation_id.encode()),
-                _BODY_SIZE.integer(span.body_size),
+                _BODY_SIZE.ints[size] if 0 <= size < 256 else _BODY_SIZE.integer(size),
             )
         if message_id is not None:
+            batch_id, batch_field = self._batch
+            if span.batch_id != batch_id:  # messages of one batch end one after another
+                batch_field = _BATCH_ID.integer(span.batch_id)
+                self._batch = (span.batch_id, batch_field)
             parts += (
-                _MESSAGE_ID.string(mid),
-                _BATCH_ID.integer(span.batch_id),
+                id_field,
+                batch_field,
                 _BATCH_WAIT.float_head + _pack_double(span.batch_wait),
                 _DUPLICATE.booleans[span.duplicate],
             )
@@ -583,6 +603,64 @@ class _Encoder:
         body = b"".join(parts)
         out.append(b"\x12" + _varint(len(body)) + body)
         return out
+
+    def write(self, span: WriteSpan) -> bytes:
+        """Return the ``Span`` field of a finished batch write span.
+
+        The same field as ``lean`` gives for the span once materialized, but
+        with its shared attributes encoded once and its links written from
+        the message spans' contexts.
+        """
+        shared = span.shared
+        linked = span.linked
+        extras = span.attributes
+        if (
+            shared is None
+            or linked is None
+            or span.links
+            or span.children
+            or (extras and not WRITE_FIELD_KEYS.isdisjoint(extras))
+        ):
+            span.materialize()
+            (body,) = self.lean(span)
+            return body
+        encoded = shared.encoded
+        if encoded is None:
+            encoded = shared.encoded = self.attributes(b"\x4a", shared)
+        context = span.context
+        trace_id, span_id, _, _, trace_state = context[:5]
+        state = _field(b"\x1a", _trace_state(context)) if trace_state else b""
+        parts = [
+            _IDS.pack(
+                b"\x0a\x10", trace_id >> 64, trace_id & _UINT64, b"\x12\x08", span_id
+            ),
+            state,
+            self._name_and_kind(span.name, span.kind),
+            _TIMES.pack(b"\x39", span.start_time, b"\x41", span.end_time or 0),
+            encoded,
+            _BATCH_SIZE.integer(span.batch_size),
+            _BATCH_ID.integer(span.batch_id),
+        ]
+        if span.duplicates is not None:
+            parts.append(_BATCH_DUPLICATES.integer(span.duplicates))
+        if extras:
+            parts.append(self.attributes(b"\x4a", extras))
+        if span.events or span.drops != _NO_DROPS:
+            parts += self._extras(span.drops, span.events, ())
+        for linked_id, linked_span, remote in (context[:3] for context in linked):
+            parts.append(
+                _LINK.pack(
+                    b"\x6a\x21\x0a\x10",
+                    linked_id >> 64,
+                    linked_id & _UINT64,
+                    b"\x12\x08",
+                    linked_span,
+                )
+                + (_LINK_REMOTE if remote else _LINK_LOCAL)
+            )
+        parts += _tail(span.status, False)
+        body = b"".join(parts)
+        return b"\x12" + _varint(len(body)) + body
 
     def _outcome(self, outcome: str) -> bytes:
         field = self._outcomes.get(outcome)
@@ -882,12 +960,14 @@ class SpanQueue:
         """Encode a finished, sampled span and its children and queue them, logging any error."""
         spans = self._spans
         waiting = len(spans)
+        kind = type(span)
         try:  # children first, as they ended
-            encoded = (
-                _encoder.message(span)
-                if type(span) is MessageSpan
-                else _encoder.lean(span)
-            )
+            if kind is MessageSpan:
+                encoded = _encoder.message(span)
+            elif kind is WriteSpan:
+                encoded = [_encoder.write(span)]
+            else:
+                encoded = _encoder.lean(span)
         except Exception:  # a span must never fail the message it describes
             logger.exception("encoding span %r or its children failed", span.name)
             return

@@ -51,6 +51,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
+    DEFAULT_TRACE_STATE,
     Link,
     NonRecordingSpan,
     SpanContext,
@@ -65,7 +66,14 @@ from opentelemetry.util.types import Attributes, AttributeValue
 if TYPE_CHECKING:
     from service.otlp import SpanQueue
 
-__all__ = ["FLAGS", "UNSET_STATUS", "LeanSpan", "LeanTracer", "start_child"]
+__all__ = [
+    "FLAGS",
+    "UNSET_STATUS",
+    "LeanSpan",
+    "LeanTracer",
+    "SharedAttributes",
+    "start_child",
+]
 
 logger = logging.getLogger("chat.spans")
 
@@ -74,7 +82,17 @@ UNSET_STATUS = Status(StatusCode.UNSET)  # a new span's status, compared by iden
 # valid). On the message path, ``context[FLAGS] & TraceFlags.SAMPLED`` reads
 # the sampled bit where ``context.trace_flags.sampled`` costs two calls.
 FLAGS = 3
+_STATE = 4
+_IS_VALID = 5
+_new_context: Callable[[tuple[Any, ...]], SpanContext] = partial(
+    tuple.__new__, SpanContext
+)
+_MAX_TRACE_ID = (1 << 128) - 1
+_MAX_SPAN_ID = (1 << 64) - 1
 _NO_LIMIT = 1 << 62
+# The least attribute count limit with which spans keep SharedAttributes
+# apart (the SDK's default limit).
+_SHARED_LIMIT = 128
 _SCALARS = (str, bool, int, float)
 _SCALAR_TYPES = frozenset(_SCALARS)
 _STR = frozenset({str})
@@ -135,6 +153,28 @@ def _append_bounded(items: list[Any], item: Any, limit: int) -> int:
         del items[0]
         items.append(item)
     return 1
+
+
+class SharedAttributes(dict[str, Any]):
+    """Span attributes that many spans carry unchanged, such as a server's address.
+
+    Given as ``attributes`` to a ``LeanTracer`` that sends its spans through a
+    span queue, they are encoded once, when the first span that carries them
+    ends, and the encoded field is reused by every later one. So a value must
+    not change once a span has them: make a new object instead. Keys must be
+    non-empty strings and values plain scalars.
+    """
+
+    __slots__ = ("encoded",)
+
+    def __init__(self, attributes: Mapping[str, Any]) -> None:
+        super().__init__(attributes)
+        if not _plain(self):
+            raise ValueError(
+                "shared span attributes need non-empty string keys and str, bool, "
+                f"int or float values, not {dict(self)!r}"
+            )
+        self.encoded: bytes | None = None
 
 
 class _DropCounts:
@@ -262,6 +302,7 @@ class LeanSpan(_DropCounts, trace.Span):
         "on_exception",
         "parent",
         "sampled",
+        "shared",
         "start_time",
         "status",
         "tracer",
@@ -292,6 +333,9 @@ class LeanSpan(_DropCounts, trace.Span):
         self.links: list[Link] | tuple[()] = links or ()
         self.events: list[Event] | tuple[()] = ()
         self.children: list[_Child] | tuple[()] = ()
+        # Attributes given at start and encoded once for many spans, kept
+        # apart from ``attributes`` until a key of theirs is set again.
+        self.shared: SharedAttributes | None = None
         self.status = UNSET_STATUS
         self.drops: tuple[int, int, int] = (0, 0, 0)  # attributes, events, links
         self.start_time = time.time_ns() if start_time is None else start_time
@@ -322,10 +366,21 @@ class LeanSpan(_DropCounts, trace.Span):
     def is_recording(self) -> bool:
         return not self._ended
 
+    def unshare(self) -> None:
+        """Merge the shared attributes into the span's own, before its later ones."""
+        if self.shared is not None:
+            self.attributes = {**self.shared, **self.attributes}
+            self.shared = None
+
     def set_attribute(self, key: str, value: AttributeValue) -> None:
         if self._ended:
             return
         limits = self.tracer.limits
+        shared = self.shared
+        if shared is not None and (
+            key in shared or len(shared) + len(self.attributes) >= limits.attributes
+        ):
+            self.unshare()
         if not _valid_key(key):
             logger.warning("span attribute with key %r dropped: not a string", key)
             self.count_drops(attributes=1)
@@ -348,8 +403,14 @@ class LeanSpan(_DropCounts, trace.Span):
         attributes[key] = cleaned
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
-        current = self.attributes
         limits = self.tracer.limits
+        shared = self.shared
+        if shared is not None and (
+            not shared.keys().isdisjoint(attributes)
+            or len(shared) + len(self.attributes) + len(attributes) > limits.attributes
+        ):
+            self.unshare()
+        current = self.attributes
         if (
             self._ended
             or limits.length is not None
@@ -554,6 +615,13 @@ class LeanTracer(trace.Tracer):
         self.children_follow_parent = (
             _samples_children(self.sampler) and self.limits.length is None
         )
+        # Whether spans may keep SharedAttributes apart, to be encoded once:
+        # only the span queue encodes them so, and no limit may cut them.
+        self.shares_attributes = (
+            queue is not None
+            and self.limits.length is None
+            and self.limits.attributes >= _SHARED_LIMIT
+        )
 
     def event(self, name: str, attributes: Attributes, timestamp: int) -> Event:
         """Return an event with its attributes under the event limits."""
@@ -603,14 +671,7 @@ class LeanTracer(trace.Tracer):
         attributes: Attributes,
         links: Sequence[Link],
     ) -> tuple[Decision, Attributes, TraceState | None]:
-        # The two samplers that decide from the parent alone are decided here,
-        # because the SDK's sampler objects cost a few µs a span for the same result.
-        if self.sampler is ALWAYS_ON or (
-            self.sampler is DEFAULT_ON
-            and (parent is None or parent.trace_flags.sampled)
-        ):
-            state = parent.trace_state if parent is not None else None
-            return Decision.RECORD_AND_SAMPLE, attributes, state
+        # A parent-based default sampler drops the children of a dropped parent.
         if self.sampler is DEFAULT_ON:
             return Decision.DROP, None, parent.trace_state if parent else None
         result = self.sampler.should_sample(
@@ -632,22 +693,39 @@ class LeanTracer(trace.Tracer):
         The parent is the span of ``context``, or of the current context.
         """
         parent: SpanContext | None = trace.get_current_span(context).get_span_context()
-        if parent is not None and parent.is_valid:
-            trace_id = parent.trace_id
-            random_id = parent.trace_flags.random_trace_id
+        # Read as a tuple (see FLAGS): each property would cost a call.
+        if parent is not None and parent[_IS_VALID]:
+            trace_id = parent[0]
+            random_id = parent[FLAGS] & TraceFlags.RANDOM_TRACE_ID  # type: ignore[operator]
         else:
             parent = None
             trace_id = self.new_trace_id() or self.ids.generate_trace_id()
             random_id = self.random_trace_ids
-        decision, sampled_attributes, state = self._sample(
-            context, parent, trace_id, name, kind, attributes, links
-        )
-        span_context = SpanContext(
-            trace_id,
-            self.new_span_id() or self.ids.generate_span_id(),
-            is_remote=False,
-            trace_flags=_FLAGS[decision is Decision.RECORD_AND_SAMPLE, bool(random_id)],
-            trace_state=state,
+        sampler = self.sampler
+        if sampler is ALWAYS_ON or (
+            sampler is DEFAULT_ON
+            and (parent is None or parent[FLAGS] & TraceFlags.SAMPLED)  # type: ignore[operator]
+        ):  # decided here: the SDK's sampler objects cost a few µs for the same result
+            decision = Decision.RECORD_AND_SAMPLE
+            sampled_attributes = attributes
+            state: TraceState | None = (
+                DEFAULT_TRACE_STATE if parent is None else parent[_STATE]  # type: ignore[assignment]
+            )
+        else:
+            decision, sampled_attributes, state = self._sample(
+                context, parent, trace_id, name, kind, attributes, links
+            )
+        span_id = self.new_span_id() or self.ids.generate_span_id()
+        # The tuple SpanContext.__new__ builds, without its Python frame.
+        span_context = _new_context(
+            (
+                trace_id,
+                span_id,
+                False,
+                _FLAGS[decision is Decision.RECORD_AND_SAMPLE, bool(random_id)],
+                DEFAULT_TRACE_STATE if state is None else state,
+                0 < trace_id <= _MAX_TRACE_ID and 0 < span_id <= _MAX_SPAN_ID,
+            )
         )
         return span_context, parent, decision, sampled_attributes
 
@@ -671,7 +749,12 @@ class LeanTracer(trace.Tracer):
 
         # As in the SDK, the sampler's attributes (the given ones, for the
         # built-in samplers) are the span's.
-        merged = self.clean_attributes(sampled_attributes)
+        shared = None
+        if type(sampled_attributes) is SharedAttributes and self.shares_attributes:
+            shared = sampled_attributes
+            merged = {}
+        else:
+            merged = self.clean_attributes(sampled_attributes)
         if links:
             valid_links = []
             for link in links:
@@ -697,7 +780,9 @@ class LeanTracer(trace.Tracer):
             on_exception=(record_exception, set_status_on_exception),
             sampled=decision is Decision.RECORD_AND_SAMPLE,
         )
-        if sampled_attributes and len(merged) < len(sampled_attributes):
+        if shared is not None:
+            span.shared = shared
+        elif sampled_attributes and len(merged) < len(sampled_attributes):
             span.count_drops(attributes=len(sampled_attributes) - len(merged))
         if len(merged) > self.limits.attributes or len(links) > self.limits.links:
             span.trim()

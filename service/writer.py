@@ -23,11 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pymongo
-from opentelemetry.context import Context
 from opentelemetry.trace import (
-    Link,
     SpanContext,
-    SpanKind,
     Status,
     StatusCode,
     TraceFlags,
@@ -43,9 +40,16 @@ from pymongo.errors import (
 
 from service.errors import Overloaded, StoreUnavailable
 from service.logs import log_kpi
+from service.message_span import (
+    BATCH_DUPLICATES,
+    WriteSpan,
+    start_write_span,
+    start_write_span_with_links,
+    takes_write_spans,
+)
 from service.metrics import Metrics
 from service.settings import Settings
-from service.spans import FLAGS
+from service.spans import FLAGS, SharedAttributes
 from service.store import Document, MessageStore
 from service.tracing import Tracing
 
@@ -53,11 +57,6 @@ __all__ = ["BatchWriter", "WriteResult"]
 
 logger = logging.getLogger("chat.writer")
 _DUPLICATE_KEY = 11000
-
-
-# A batch span starts a trace of its own, whatever context the writer runs in.
-# Passing it also spares the lookup of the current context.
-_ROOT = Context()
 
 
 @dataclass(slots=True)
@@ -110,6 +109,12 @@ class BatchWriter:
         self._batch_seq = 0
         self._closing = False
         self._outage_since: float | None = None
+        self._shared: SharedAttributes | None = None  # of the batch spans
+        # The tracer that starts WriteSpan objects, if this one may.
+        self._write_tracer = (
+            tracing.tracer if takes_write_spans(tracing.tracer) else None
+        )
+        self._shared_address: tuple[str, int | None] | None = None
 
     @property
     def depth(self) -> int:
@@ -239,31 +244,37 @@ class BatchWriter:
             return None
         # Only sampled message spans are exported: a link to any other would
         # point at a span that no backend has.
-        links = [
-            Link(p.span_context)
+        linked = [
+            p.span_context
             for p in batch
             if p.span_context is not None and p.span_context[FLAGS] & TraceFlags.SAMPLED  # type: ignore[operator]
         ]
-        attributes: dict[str, Any] = {
-            "db.system.name": "mongodb",
-            "db.namespace": self._store.database_name,
-            "db.collection.name": "messages",
-            "db.operation.name": "insert",
-            "db.operation.batch.size": len(batch),
-            "chat.batch.id": batch_id,
-        }
-        address = self._store.address
-        if address is not None:
-            attributes["server.address"] = address[0]
-            if address[1] is not None:
-                attributes["server.port"] = address[1]
-        return self._tracing.tracer.start_span(
-            "insert messages",
-            context=_ROOT,
-            kind=SpanKind.CLIENT,
-            links=links,
-            attributes=attributes,
+        shared = self._shared_attributes()
+        if self._write_tracer is not None:
+            return start_write_span(
+                self._write_tracer, shared, linked, len(batch), batch_id
+            )
+        return start_write_span_with_links(
+            self._tracing.tracer, shared, linked, len(batch), batch_id
         )
+
+    def _shared_attributes(self) -> SharedAttributes:
+        """Return the batch span's attributes that only change with the server."""
+        address = self._store.address
+        if self._shared is None or address != self._shared_address:
+            attributes: dict[str, Any] = {
+                "db.system.name": "mongodb",
+                "db.namespace": self._store.database_name,
+                "db.collection.name": "messages",
+                "db.operation.name": "insert",
+            }
+            if address is not None:
+                attributes["server.address"] = address[0]
+                if address[1] is not None:
+                    attributes["server.port"] = address[1]
+            self._shared = SharedAttributes(attributes)
+            self._shared_address = address
+        return self._shared
 
     def _observe(
         self,
@@ -281,7 +292,10 @@ class BatchWriter:
                 span.set_status(Status(StatusCode.ERROR, type(error).__name__))
             elif any(e.get("code") != _DUPLICATE_KEY for e in write_errors.values()):
                 span.set_status(Status(StatusCode.ERROR, "write errors"))
-            span.set_attribute("chat.batch.duplicates", len(write_errors))
+            if type(span) is WriteSpan:
+                span.duplicates = len(write_errors)
+            else:
+                span.set_attribute(BATCH_DUPLICATES, len(write_errors))
             span.end()
 
         self._metrics.mongo_write_traced.observe(elapsed, context)
