@@ -133,7 +133,7 @@ def enqueue_attributes(outcome: str) -> dict[str, Any]:
     }
 
 
-# Keys a message span holds in fields; set through the API, they are merged.
+# Keys a message span stores in fields. Set through the API, they are merged.
 FIELD_KEYS = frozenset(
     [
         *socket_attributes(("", "", "", "")),
@@ -274,7 +274,7 @@ def start_message_span(
 ) -> Span:
     """Start the span of a message received on ``socket``.
 
-    ``context`` holds the parent (the client's traceparent); None takes the
+    ``context`` contains the parent (the client's traceparent); None takes the
     current context, as ``Tracer.start_span`` does. A message the sampler
     drops gets a non-recording span, as from ``start_span``.
     """

@@ -525,9 +525,9 @@ class _Encoder:
         parent_of_child = _PARENT.pack(b"\x22\x08", span_id)
 
         message_id = span.message_id
-        id_field = (
-            b"" if message_id is None else _MESSAGE_ID.string(message_id.encode())
-        )
+        # The fan-out follows the write, which sets the message id. Without one,
+        # both this and materialize() write an empty id.
+        id_field = _MESSAGE_ID.string((message_id or "").encode())
         emit = span.emit
         if emit is not None:
             child_id, start, end, sockets = emit
