@@ -18,11 +18,11 @@ routes take the SDK's batch span processor to the same exporter. Any other
 SDK provider (the tests' in-memory one) receives the gateway's spans through
 its own processors.
 
-NOTE: tracing every message still adds 15-24% to the gateway's CPU per
+NOTE: tracing every message still adds 12-16% to the gateway's CPU per
 message on the 2-vCPU reference host (``python -m benchmarks.telemetry``,
-three runs) and 25% to its instructions at 8 msg/s (``python -m
+three runs) and 17% to its instructions at 8 msg/s (``python -m
 benchmarks.instructions``), above the 10% target. 10% head sampling adds
-3-11%. Nearly all of it is the spans' work on the event loop
+5-10%. Nearly all of it is the spans' work on the event loop
 (docs/performance.md).
 
 Spans of one message (names use the room template, not the task id, so that
