@@ -453,11 +453,12 @@ async def test_otlp_export_reaches_receiver(spawn_gateway: Any) -> None:
             }
         )
         async with httpx.AsyncClient(base_url=process.url) as api:
-            await api.post(
+            response = await api.post(
                 "/api/tasks/t1/messages",
-                json={"client_msg_id": "otlp-1", "text": "export me"},
+                json={"client_msg_id": "otlp-1", "text": "export më"},
                 headers={"Authorization": f"Bearer {_token(process)}"},
             )
+        ack = response.json()
         await eventually(lambda: _Receiver.received, timeout=15)
         process.stop()
     finally:
@@ -481,6 +482,21 @@ async def test_otlp_export_reaches_receiver(spawn_gateway: Any) -> None:
     ]
     assert exported["emit task:{task_id}"].parent_span_id == message.span_id
     assert [link.span_id for link in insert.links] == [message.span_id]
+
+    # The queue encodes message and write spans from their fields.
+    fields = {kv.key: kv.value for kv in message.attributes}
+    assert fields["messaging.message.id"].string_value == ack["id"]
+    assert fields["messaging.destination.name"].string_value == "task:t1"
+    assert fields["messaging.message.conversation_id"].string_value == "otlp-1"
+    assert fields["messaging.message.body.size"].int_value == len("export më".encode())
+    assert fields["enduser.id"].string_value == "olga"
+    assert fields["chat.duplicate"].bool_value is False
+    write = {kv.key: kv.value for kv in insert.attributes}
+    assert write["db.system.name"].string_value == "mongodb"
+    assert write["db.operation.batch.size"].int_value == 1
+    assert write["chat.batch.id"].int_value == fields["chat.batch.id"].int_value
+    assert write["chat.batch.duplicates"].int_value == 0
+    assert write["server.address"].string_value == "127.0.0.1"
     # The gateway's spans and the HTTP route's (an SDK span) share one trace.
     assert message.trace_id == route.trace_id
     assert message.parent_span_id == route.span_id
