@@ -604,8 +604,8 @@ class _Encoder:
         out.append(b"\x12" + _varint(len(body)) + body)
         return out
 
-    def write(self, span: WriteSpan) -> bytes:
-        """Return the ``Span`` field of a finished batch write span.
+    def write(self, span: WriteSpan) -> list[bytes]:
+        """Return the ``Span`` field of a finished batch write span, in a list.
 
         The same field as ``lean`` gives for the span once materialized, but
         with its shared attributes encoded once and its links written from
@@ -622,8 +622,7 @@ class _Encoder:
             or (extras and not WRITE_FIELD_KEYS.isdisjoint(extras))
         ):
             span.materialize()
-            (body,) = self.lean(span)
-            return body
+            return self.lean(span)  # with any children recorded on it
         encoded = shared.encoded
         if encoded is None:
             encoded = shared.encoded = self.attributes(b"\x4a", shared)
@@ -660,7 +659,7 @@ class _Encoder:
             )
         parts += _tail(span.status, False)
         body = b"".join(parts)
-        return b"\x12" + _varint(len(body)) + body
+        return [b"\x12" + _varint(len(body)) + body]
 
     def _outcome(self, outcome: str) -> bytes:
         field = self._outcomes.get(outcome)
@@ -965,7 +964,7 @@ class SpanQueue:
             if kind is MessageSpan:
                 encoded = _encoder.message(span)
             elif kind is WriteSpan:
-                encoded = [_encoder.write(span)]
+                encoded = _encoder.write(span)
             else:
                 encoded = _encoder.lean(span)
         except Exception:  # a span must never fail the message it describes

@@ -640,7 +640,12 @@ def _write_stories(tracer: LeanTracer) -> None:
     span.add_link(linked[0], {"chat.batch.position": 0})
     span.end()
 
-    span = start_write_span(tracer, shared, linked * 50, 150, 6)
+    span = start_write_span(tracer, shared, linked, 3, 6)
+    assert isinstance(span, WriteSpan)  # a child recorded on it
+    add_child(tracer, span, "retry", {"attempt": 1})
+    span.end()
+
+    span = start_write_span(tracer, shared, linked * 50, 150, 7)
     assert not isinstance(span, WriteSpan)  # more links than the limit
     span.end()
 
@@ -671,7 +676,7 @@ def test_write_spans_encode_as_processed_spans() -> None:
         queued.shutdown()
 
     expected = exporter.get_finished_spans()
-    assert len(expected) == 6
+    assert len(expected) == 8
     (body,) = sent.bodies
     ours = ExportTraceServiceRequest.FromString(body)
     official = official_encode(expected)
