@@ -262,6 +262,7 @@ class MessageSpan(LeanSpan):
             )
         self.emit = self.hand_off = None
         self.children = children
+        self.trim()  # the fields count against the attribute limit too
 
     def end(self, end_time: int | None = None) -> None:
         if not self._ended and self.tracer.queue is None:
@@ -378,6 +379,14 @@ class WriteSpan(LeanSpan):
             attributes[key] = value
         self.attributes = attributes
         self.links = [*(Link(context) for context in linked), *self.links]
+        self.trim()  # the fields count against the limits too
+
+    def set_duplicates(self, count: int) -> None:
+        """Set the number of the batch's messages stored earlier."""
+        if self.linked is None:  # materialized: the field is read no more
+            self.set_attribute(BATCH_DUPLICATES, count)
+        else:
+            self.duplicates = count
 
     def end(self, end_time: int | None = None) -> None:
         if not self._ended and self.tracer.queue is None:

@@ -245,6 +245,8 @@ _ENQUEUE_NAME_KIND = (
     _field(b"\x2a", ENQUEUE_NAME.encode()) + _KINDS[id(SpanKind.PRODUCER)]
 )
 _NO_DROPS = (0, 0, 0)
+# The most attributes a message span's fields make: all of them set.
+_MESSAGE_FIELDS = len(FIELD_KEYS)
 
 
 class _Grouping:
@@ -496,8 +498,14 @@ class _Encoder:
         """
         socket = span.socket
         extras = span.attributes
-        if socket is None or (extras and not FIELD_KEYS.isdisjoint(extras)):
-            span.materialize()  # a field's key set through the API as well
+        if socket is None or (
+            extras
+            and (
+                not FIELD_KEYS.isdisjoint(extras)
+                or len(extras) + _MESSAGE_FIELDS > span.tracer.limits.attributes
+            )
+        ):  # a field's key set through the API as well, or near the count limit
+            span.materialize()
             return self.lean(span)
         try:
             return self._message(span, socket, extras)
@@ -619,7 +627,14 @@ class _Encoder:
             or linked is None
             or span.links
             or span.children
-            or (extras and not WRITE_FIELD_KEYS.isdisjoint(extras))
+            or (
+                extras
+                and (
+                    not WRITE_FIELD_KEYS.isdisjoint(extras)
+                    or len(extras) + len(shared) + len(WRITE_FIELD_KEYS)
+                    > span.tracer.limits.attributes
+                )
+            )
         ):
             span.materialize()
             return self.lean(span)  # with any children recorded on it

@@ -38,7 +38,7 @@ from pymongo.errors import (
     WTimeoutError,
 )
 
-from service.errors import Overloaded, StoreUnavailable
+from service.errors import InvalidPayload, Overloaded, StoreUnavailable
 from service.logs import log_kpi
 from service.message_span import (
     BATCH_DUPLICATES,
@@ -292,10 +292,14 @@ class BatchWriter:
                 span.set_status(Status(StatusCode.ERROR, type(error).__name__))
             elif any(e.get("code") != _DUPLICATE_KEY for e in write_errors.values()):
                 span.set_status(Status(StatusCode.ERROR, "write errors"))
-            if type(span) is WriteSpan:
-                span.duplicates = len(write_errors)
-            else:
-                span.set_attribute(BATCH_DUPLICATES, len(write_errors))
+            if error is None:  # unknown when the write failed as a whole
+                duplicates = sum(
+                    e.get("code") == _DUPLICATE_KEY for e in write_errors.values()
+                )
+                if type(span) is WriteSpan:
+                    span.set_duplicates(duplicates)
+                else:
+                    span.set_attribute(BATCH_DUPLICATES, duplicates)
             span.end()
 
         self._metrics.mongo_write_traced.observe(elapsed, context)
@@ -370,8 +374,22 @@ class BatchWriter:
             queued = started - pending.enqueued
             if index in duplicates:
                 key = (pending.doc["task_id"], pending.doc["client_msg_id"])
-                if key in existing:
-                    result = WriteResult(existing[key], True, batch_id, queued)
+                earlier = existing.get(key)
+                if earlier is not None and earlier["sender"] != pending.doc["sender"]:
+                    # Not a retry: acking it as a duplicate would drop this text.
+                    logger.warning(
+                        "client_msg_id reused by another sender",
+                        extra={"task_id": key[0], "client_msg_id": key[1]},
+                    )
+                    pending.future.set_exception(
+                        InvalidPayload(
+                            f"client_msg_id {key[1]!r} is already used by another "
+                            f"sender in task {key[0]!r}: send a unique id such as "
+                            "a UUID"
+                        )
+                    )
+                elif earlier is not None:
+                    result = WriteResult(earlier, True, batch_id, queued)
                     pending.future.set_result(result)
                 else:
                     pending.future.set_exception(

@@ -77,6 +77,26 @@ async def test_concurrent_duplicates_stored_once(
     )
 
 
+async def test_id_reused_by_other_sender_rejected(
+    gateway: RunningGateway, connect: Any, mongo: Any
+) -> None:
+    """Another sender's id is an error, never a duplicate ack that drops the text."""
+    operator = await connect(gateway, gateway.token("t1", "olga"))
+    manager = await connect(gateway, gateway.token("t1", "mia", role="manager"))
+
+    first = await operator.send("from the operator", "shared-id")
+    second = await manager.send("from the manager", "shared-id")
+    again = await manager.send("from the manager", "own-id")
+
+    assert first["ok"] is True
+    assert second["ok"] is False
+    assert second["error"]["code"] == "invalid_payload"
+    assert "already used by another sender" in second["error"]["message"]
+    assert again["ok"] is True
+    stored = mongo[gateway.database].messages.find_one({"client_msg_id": "shared-id"})
+    assert stored["text"] == "from the operator"
+
+
 async def test_rooms_isolate_tasks(gateway: RunningGateway, connect: Any) -> None:
     """A socket of one task never receives another task's messages."""
     first = await connect(gateway, gateway.token("t1", "olga"))

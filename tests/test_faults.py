@@ -358,7 +358,13 @@ async def test_slow_writes_time_out(
     outcomes = [*first, *later]
     failed = [o for o in outcomes if not o.ok]
     await asyncio.sleep(1.5)  # let a blocked insert that still runs finish
-    retries = [await send_one(clients[0], o.client_msg_id, o.text) for o in failed]
+    senders = {o.client_msg_id: clients[n] for n, o in enumerate(first)}
+    retries = [  # each from its own sender, as a client resends
+        await send_one(
+            senders.get(o.client_msg_id, clients[0]), o.client_msg_id, o.text
+        )
+        for o in failed
+    ]
 
     stored, counts = stored_by_client_id(secantus.uri, gateway.database)
     lost = check_acked_stored_once(outcomes + retries, "t-slow", stored, counts)

@@ -43,8 +43,10 @@ from service.embedded import free_port
 from service.message_span import (
     EMIT_NAME,
     FIELD_KEYS,
+    MESSAGE_NAME,
     MessageSpan,
     WriteSpan,
+    socket_attributes,
     start_message_span,
     start_write_span,
     takes_message_spans,
@@ -600,6 +602,53 @@ def test_shared_attributes_encode_as_processed_spans() -> None:
     (body,) = sent.bodies
     ours = _without_ids(ExportTraceServiceRequest.FromString(body))
     assert ours == _without_ids(official_encode(exporter.get_finished_spans()))
+
+
+def test_field_spans_obey_attribute_limit() -> None:
+    """Fields count against the attribute limit, as the SDK counts attributes."""
+    limits = SpanLimits(max_span_attributes=32)
+    socket = ("task:t1", "olga", "operator", "sid-1")
+    fields = {
+        "messaging.message.conversation_id": "c",
+        "messaging.message.body.size": 1,
+        "messaging.message.id": "m",
+        "chat.batch.id": 1,
+        "chat.batch.wait_seconds": 0.5,
+        "chat.duplicate": False,
+    }
+    sdk = TracerProvider(span_limits=limits).get_tracer("sdk")
+    expected = sdk.start_span(MESSAGE_NAME, attributes=socket_attributes(socket))
+    expected.set_attributes(fields)
+    for number in range(30):
+        expected.set_attribute(f"extra.{number}", number)
+    expected.end()
+
+    queued = TracerProvider(span_limits=limits)
+    sent = _Sent()
+    resource = Resource({"service.name": "chat-gateway"})
+    queue = SpanQueue(sent, resource, InstrumentationScope("chat-gateway", __version__))
+    try:
+        tracer = LeanTracer(
+            queued.get_tracer("chat-gateway", __version__),
+            "chat-gateway",
+            __version__,
+            queue=queue,
+        )
+        span = start_message_span(tracer, None, socket)
+        assert isinstance(span, MessageSpan)
+        span.conversation_id, span.body_size = "c", 1
+        span.message_id, span.batch_id, span.batch_wait = "m", 1, 0.5
+        for number in range(30):
+            span.set_attribute(f"extra.{number}", number)
+        span.end()
+        assert queue.force_flush(10)
+    finally:
+        queue.shutdown()
+
+    (ours,) = sent.spans()
+    official = official_encode([expected]).resource_spans[0].scope_spans[0].spans[0]
+    assert list(ours.attributes) == list(official.attributes)
+    assert ours.dropped_attributes_count == official.dropped_attributes_count == 12
 
 
 def test_shared_attributes_reject_other_values() -> None:
