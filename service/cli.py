@@ -118,6 +118,14 @@ def _serve(args: argparse.Namespace) -> int:
     assert isinstance(settings, Settings)
     configure_logging(settings.log_level)
     try:
+        # The OpenTelemetry SDK raises on an invalid OTEL_* limit when imported.
+        from service.tracing import check_environment
+
+        check_environment()
+    except ValueError as exc:
+        logger.error("cannot start: %s: fix or unset the variable", exc)
+        return 2
+    try:
         serve(settings)
     except (ServeError, SecretError, EmbeddedMongoError) as exc:
         logger.error("cannot start: %s", exc)

@@ -49,8 +49,8 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace import Tracer as SdkTracer
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Span, SpanContext, SpanKind
@@ -64,6 +64,7 @@ __all__ = [
     "ROOM_TEMPLATE",
     "GatewayTracerProvider",
     "Tracing",
+    "check_environment",
     "create_tracer_provider",
     "extract_context",
     "trace_id_of",
@@ -87,22 +88,39 @@ def _endpoint_configured(environ: Mapping[str, str]) -> bool:
     )
 
 
-def _otlp_exporter(environ: Mapping[str, str]) -> Any:
+def _otlp_protocol(environ: Mapping[str, str]) -> str:
     protocol = (
         environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         or "http/protobuf"
     ).strip()
+    if protocol not in ("grpc", "http/protobuf"):
+        raise ValueError(
+            "OTEL_EXPORTER_OTLP_PROTOCOL must be 'grpc' or 'http/protobuf', "
+            f"not {protocol!r}"
+        )
+    return protocol
+
+
+def _otlp_exporter(environ: Mapping[str, str]) -> Any:
+    protocol = _otlp_protocol(environ)
     # Imported here: an exporter loads an HTTP or gRPC client stack.
     from service.otlp import HttpSpanExporter, grpc_span_exporter
 
-    if protocol == "grpc":
-        return grpc_span_exporter()
-    if protocol == "http/protobuf":
-        return HttpSpanExporter()
-    raise ValueError(
-        f"OTEL_EXPORTER_OTLP_PROTOCOL must be 'grpc' or 'http/protobuf', not {protocol!r}"
-    )
+    return grpc_span_exporter() if protocol == "grpc" else HttpSpanExporter()
+
+
+def check_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Raise ``ValueError`` for an ``OTEL_*`` setting that tracing cannot use.
+
+    Only settings read when tracing is on are checked: the protocol and the
+    span limits. The SDK reads the limits when its module is imported, so an
+    invalid one already fails the import of this module, with the same error.
+    """
+    environ = os.environ if environ is None else environ
+    if _endpoint_configured(environ):
+        _otlp_protocol(environ)
+        SpanLimits()
 
 
 def create_tracer_provider(

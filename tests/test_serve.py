@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from service.embedded import free_port
 
 CLI = str(Path(sys.executable).with_name("chat-gateway"))
@@ -51,6 +53,35 @@ def test_port_in_use_rejected(spawn_gateway: Any, tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1:{running.port}" in result.stdout
     assert "--port" in result.stdout
     assert "chat gateway started" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        (
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            "http/json",
+            "must be 'grpc' or 'http/protobuf'",
+        ),
+        ("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "-1", "must be a non-negative integer"),
+        ("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "abc", "non-negative integer"),
+    ],
+)
+def test_invalid_otel_setting_rejected(
+    tmp_path: Path, name: str, value: str, expected: str
+) -> None:
+    """An OTEL_* value tracing cannot use stops start-up with one line, exit 2."""
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        name: value,
+    }
+
+    result = _serve("--port", str(free_port()), "--data-dir", str(tmp_path), env=env)
+
+    assert result.returncode == 2
+    assert expected in result.stdout
+    assert name in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_embedded_defaults_keep_data(spawn_gateway: Any, tmp_path: Path) -> None:
