@@ -200,6 +200,7 @@ class MessageService:
         except ChatError as error:
             self._metrics.messages.labels(outcome="rejected", code=error.code).inc()
             if span is not None:
+                self._identify(span, payload)
                 span.set_status(Status(StatusCode.ERROR, error.code))
                 span.set_attribute("error.type", error.code)
             ack = error.to_ack()
@@ -219,6 +220,40 @@ class MessageService:
                 span.end()
         self._metrics.ack_traced.observe(elapsed, context)
         return ack
+
+    def _identify(self, span: Span, payload: object) -> None:
+        """Give a rejected message's span its valid client_msg_id, if not set yet.
+
+        A payload rejected by validation would otherwise leave no id to find
+        its trace by.
+        """
+        if type(span) is MessageSpan and span.conversation_id is not None:
+            return
+        client_msg_id = (
+            payload.get("client_msg_id") if isinstance(payload, dict) else None
+        )
+        if (
+            isinstance(client_msg_id, str)
+            and 0 < len(client_msg_id) <= self._settings.max_client_msg_id_chars
+            and client_msg_id.isprintable()
+        ):
+            span.set_attribute(CONVERSATION_ID, client_msg_id)
+
+    def reject(
+        self, principal: Principal, error: ChatError, *, client_id: str | None = None
+    ) -> dict[str, Any]:
+        """Count and trace a message rejected before its payload is read; return the ack.
+
+        For an event with the wrong number of arguments: its span carries the
+        error as any rejected message's span does.
+        """
+        self._metrics.messages.labels(outcome="rejected", code=error.code).inc()
+        span = self._start_span(principal, None, None, client_id, None)
+        if span is not None:
+            span.set_status(Status(StatusCode.ERROR, error.code))
+            span.set_attribute("error.type", error.code)
+            span.end()
+        return error.to_ack()
 
     def _start_span(
         self,

@@ -184,12 +184,10 @@ class SocketGateway:
         if state is None:
             return InvalidPayload("this socket is not connected: reconnect").to_ack()
         if len(args) != 1:
-            self._metrics.messages.labels(
-                outcome="rejected", code="invalid_payload"
-            ).inc()
-            return InvalidPayload(
+            error = InvalidPayload(
                 f"send_message takes one payload object, got {len(args)} arguments"
-            ).to_ack()
+            )
+            return self._service.reject(state.principal, error, client_id=sid)
         return await self._service.handle(
             state.principal, args[0], socket_bucket=state.bucket, client_id=sid
         )

@@ -187,10 +187,20 @@ async def test_rejection_recorded_on_span(
     client = await connect(gateway, gateway.token("t1", "olga"))
 
     await client.send("x" * 4001, "too-long")
-    (message,) = _by_name(exporter.get_finished_spans(), "send_message task:{task_id}")
+    arity = await client.sio.call("send_message", ("one", "two"), timeout=30)
+    messages = _by_name(exporter.get_finished_spans(), "send_message task:{task_id}")
 
-    assert message.status.status_code.name == "ERROR"
-    assert dict(message.attributes or {})["error.type"] == "text_too_long"
+    assert arity["error"]["code"] == "invalid_payload"
+    assert len(messages) == 2
+    too_long, wrong_arguments = messages
+    assert too_long.status.status_code.name == "ERROR"
+    assert dict(too_long.attributes or {})["error.type"] == "text_too_long"
+    conversation_id = dict(too_long.attributes or {})[
+        "messaging.message.conversation_id"
+    ]
+    assert conversation_id == "too-long"  # so that a failed message can be found
+    assert wrong_arguments.status.status_code.name == "ERROR"
+    assert dict(wrong_arguments.attributes or {})["error.type"] == "invalid_payload"
 
 
 async def test_metric_values_after_known_traffic(
