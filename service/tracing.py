@@ -95,10 +95,12 @@ def _otlp_protocol(environ: Mapping[str, str]) -> str:
         or "http/protobuf"
     ).strip()
     if protocol not in ("grpc", "http/protobuf"):
-        raise ValueError(
-            "OTEL_EXPORTER_OTLP_PROTOCOL must be 'grpc' or 'http/protobuf', "
-            f"not {protocol!r}"
+        name = (
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+            if environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            else "OTEL_EXPORTER_OTLP_PROTOCOL"
         )
+        raise ValueError(f"{name} must be 'grpc' or 'http/protobuf', not {protocol!r}")
     return protocol
 
 
@@ -113,9 +115,9 @@ def _otlp_exporter(environ: Mapping[str, str]) -> Any:
 def check_environment(environ: Mapping[str, str] | None = None) -> None:
     """Raise ``ValueError`` for an ``OTEL_*`` setting that tracing cannot use.
 
-    Only settings read when tracing is on are checked: the protocol and the
-    span limits. The SDK reads the limits when its module is imported, so an
-    invalid one already fails the import of this module, with the same error.
+    The protocol is checked when tracing is on. The SDK reads the span limits
+    when its module is imported, so an invalid limit fails the import of
+    this module, with the same error, even when tracing is off.
     """
     environ = os.environ if environ is None else environ
     if _endpoint_configured(environ):

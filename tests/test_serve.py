@@ -63,6 +63,7 @@ def test_port_in_use_rejected(spawn_gateway: Any, tmp_path: Path) -> None:
             "http/json",
             "must be 'grpc' or 'http/protobuf'",
         ),
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "json", "must be 'grpc' or"),
         ("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "-1", "must be a non-negative integer"),
         ("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "abc", "non-negative integer"),
     ],
