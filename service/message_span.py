@@ -264,11 +264,6 @@ class MessageSpan(LeanSpan):
         self.children = children
         self.trim()  # the fields count against the attribute limit too
 
-    def end(self, end_time: int | None = None) -> None:
-        if not self._ended and self.tracer.queue is None:
-            self.materialize()  # the span processors read attributes and children
-        super().end(end_time)
-
 
 def start_message_span(
     tracer: LeanTracer, context: context_api.Context | None, socket: Socket
@@ -387,11 +382,6 @@ class WriteSpan(LeanSpan):
             self.set_attribute(BATCH_DUPLICATES, count)
         else:
             self.duplicates = count
-
-    def end(self, end_time: int | None = None) -> None:
-        if not self._ended and self.tracer.queue is None:
-            self.materialize()  # the span processors read attributes and links
-        super().end(end_time)
 
 
 def takes_write_spans(tracer: object) -> TypeGuard[LeanTracer]:

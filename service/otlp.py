@@ -245,7 +245,7 @@ _ENQUEUE_NAME_KIND = (
     _field(b"\x2a", ENQUEUE_NAME.encode()) + _KINDS[id(SpanKind.PRODUCER)]
 )
 _NO_DROPS = (0, 0, 0)
-# The most attributes a message span's fields make: all of them set.
+# The maximum number of attributes a message span's fields make: all set.
 _MESSAGE_FIELDS = len(FIELD_KEYS)
 
 
@@ -539,8 +539,8 @@ class _Encoder:
         emit = span.emit
         if emit is not None:
             child_id, start, end, sockets = emit
-            body = b"".join(
-                (
+            out.append(
+                _recorded_child(
                     _IDS.pack(b"\x0a\x10", high, low, b"\x12\x08", child_id),
                     state,
                     parent_of_child,
@@ -551,25 +551,21 @@ class _Encoder:
                     _FANOUT_SOCKETS.ints[sockets]
                     if 0 <= sockets < 256
                     else _FANOUT_SOCKETS.integer(sockets),
-                    _TAIL_LOCAL,
                 )
             )
-            out.append(b"\x12" + _varint(len(body)) + body)
         hand_off = span.hand_off
         if hand_off is not None:
             child_id, start, end, outcome = hand_off
-            body = b"".join(
-                (
+            out.append(
+                _recorded_child(
                     _IDS.pack(b"\x0a\x10", high, low, b"\x12\x08", child_id),
                     state,
                     parent_of_child,
                     _ENQUEUE_NAME_KIND,
                     _TIMES.pack(b"\x39", start, b"\x41", end),
                     self._outcome(outcome),
-                    _TAIL_LOCAL,
                 )
             )
-            out.append(b"\x12" + _varint(len(body)) + body)
 
         parent = span.parent
         remote = False
@@ -800,6 +796,12 @@ class _Encoder:
         if scope.version:
             body += _field(b"\x12", scope.version.encode())
         return body + self.attributes(b"\x1a", scope.attributes)
+
+
+def _recorded_child(*fields: bytes) -> bytes:
+    """Return a ``Span`` field of a message span's child: ``fields``, an unset status."""
+    body = b"".join(fields) + _TAIL_LOCAL
+    return b"\x12" + _varint(len(body)) + body
 
 
 def _trace_state(context: SpanContext) -> bytes:

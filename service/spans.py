@@ -573,6 +573,15 @@ class LeanSpan(_DropCounts, trace.Span):
                 )
         self.end()
 
+    def materialize(self) -> None:
+        """Turn any attributes, children or links kept in fields into their usual form.
+
+        The span processors read ``attributes``, ``children`` and ``links``. A
+        plain lean span only merges its shared attributes. The spans of
+        ``service.message_span`` override this for their fields.
+        """
+        self.unshare()
+
     def end(self, end_time: int | None = None) -> None:
         if self._ended:
             return
@@ -580,6 +589,7 @@ class LeanSpan(_DropCounts, trace.Span):
         self.end_time = time.time_ns() if end_time is None else end_time
         queue = self.tracer.queue
         if queue is None:
+            self.materialize()
             processor = self.tracer.processor
             for child in self.children:  # before the parent, as SDK spans end
                 processor.on_end(_FinishedChild(self, child))

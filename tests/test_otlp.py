@@ -6,7 +6,7 @@ import gzip
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -550,6 +550,39 @@ def test_queued_spans_encode_as_processed_spans() -> None:
     assert ours == _without_ids(official_encode(expected))
 
 
+def _processed_and_queued(
+    story: Callable[[LeanTracer], Any],
+) -> tuple[list[bytes], tuple[ReadableSpan, ...], list[Any]]:
+    """Run ``story`` on a lean tracer without a queue, then on one with a queue.
+
+    Return the queue's request bodies, the spans the SDK processors received
+    from the first run, and what ``story`` returned in each run.
+    """
+    resource = Resource({"service.name": "chat-gateway"})
+    processed = TracerProvider(resource=resource)
+    queued = TracerProvider(resource=resource)
+    sent = _Sent()
+    queue = SpanQueue(sent, resource, InstrumentationScope("chat-gateway", __version__))
+    exporter = InMemorySpanExporter()
+    processed.add_span_processor(SimpleSpanProcessor(exporter))
+    results = []
+    try:
+        for provider, span_queue in ((processed, None), (queued, queue)):
+            tracer = LeanTracer(
+                provider.get_tracer("chat-gateway", __version__),
+                "chat-gateway",
+                __version__,
+                queue=span_queue,
+            )
+            results.append(story(tracer))
+        assert queue.force_flush(10)
+    finally:
+        queue.shutdown()
+        processed.shutdown()
+        queued.shutdown()
+    return sent.bodies, exporter.get_finished_spans(), results
+
+
 def _shared_story(tracer: Any) -> list[Any]:
     """Batch spans that start with shared attributes, then add and replace some."""
     shared = SharedAttributes(
@@ -575,33 +608,13 @@ def _shared_story(tracer: Any) -> list[Any]:
 
 def test_shared_attributes_encode_as_processed_spans() -> None:
     """Shared attributes, encoded once, reach the collector as processors see them."""
-    resource = Resource({"service.name": "chat-gateway"})
-    processed = TracerProvider(resource=resource)
-    queued = TracerProvider(resource=resource)
-    sent = _Sent()
-    queue = SpanQueue(sent, resource, InstrumentationScope("chat-gateway", __version__))
-    exporter = InMemorySpanExporter()
-    processed.add_span_processor(SimpleSpanProcessor(exporter))
-    try:
-        _shared_story(Tracing(processed).tracer)
-        tracer = LeanTracer(
-            queued.get_tracer("chat-gateway", __version__),
-            "chat-gateway",
-            __version__,
-            queue=queue,
-        )
-        first, *_ = _shared_story(tracer)
-        assert queue.force_flush(10)
-    finally:
-        queue.shutdown()
-        processed.shutdown()
-        queued.shutdown()
+    bodies, expected, (_, (first, *_)) = _processed_and_queued(_shared_story)
 
     assert first.shared is not None  # kept apart, as no key of it was set again
     assert first.shared.encoded is not None
-    (body,) = sent.bodies
+    (body,) = bodies
     ours = _without_ids(ExportTraceServiceRequest.FromString(body))
-    assert ours == _without_ids(official_encode(exporter.get_finished_spans()))
+    assert ours == _without_ids(official_encode(expected))
 
 
 def test_field_spans_obey_attribute_limit() -> None:
@@ -659,6 +672,7 @@ def test_shared_attributes_reject_other_values() -> None:
 
 def _write_stories(tracer: LeanTracer) -> None:
     """Batch write spans as the writer makes them, and as it never does."""
+    assert takes_write_spans(tracer)
     shared = SharedAttributes({"db.system.name": "mongodb", "server.port": 27017})
     sampled = TraceFlags(TraceFlags.SAMPLED)
     linked = [
@@ -701,32 +715,9 @@ def _write_stories(tracer: LeanTracer) -> None:
 
 def test_write_spans_encode_as_processed_spans() -> None:
     """A WriteSpan's fields and links reach the collector as processors see them."""
-    resource = Resource({"service.name": "chat-gateway"})
-    processed = TracerProvider(resource=resource)
-    queued = TracerProvider(resource=resource)
-    sent = _Sent()
-    queue = SpanQueue(sent, resource, InstrumentationScope("chat-gateway", __version__))
-    exporter = InMemorySpanExporter()
-    processed.add_span_processor(SimpleSpanProcessor(exporter))
-    try:
-        for provider, span_queue in ((processed, None), (queued, queue)):
-            tracer = LeanTracer(
-                provider.get_tracer("chat-gateway", __version__),
-                "chat-gateway",
-                __version__,
-                queue=span_queue,
-            )
-            assert takes_write_spans(tracer)
-            _write_stories(tracer)
-        assert queue.force_flush(10)
-    finally:
-        queue.shutdown()
-        processed.shutdown()
-        queued.shutdown()
-
-    expected = exporter.get_finished_spans()
+    bodies, expected, _ = _processed_and_queued(_write_stories)
     assert len(expected) == 8
-    (body,) = sent.bodies
+    (body,) = bodies
     ours = ExportTraceServiceRequest.FromString(body)
     official = official_encode(expected)
     assert _link_ids(ours) == _link_ids(official)
@@ -745,6 +736,7 @@ def _link_ids(request: ExportTraceServiceRequest) -> list[tuple[bytes, bytes, in
 
 def _message_stories(tracer: LeanTracer) -> None:
     """Message spans in the shapes the pipeline gives them, and some it never does."""
+    assert takes_message_spans(tracer)
     parent = extract_context(REMOTE, "vendor=a,other=b")
     socket = ("task:t1", "olga", "operator", "sid-1")
 
@@ -790,33 +782,10 @@ def _message_stories(tracer: LeanTracer) -> None:
 
 def test_message_spans_encode_as_processed_spans() -> None:
     """A MessageSpan's fields reach the collector as the SDK processors see them."""
-    resource = Resource({"service.name": "chat-gateway"})
-    processed = TracerProvider(resource=resource)
-    queued = TracerProvider(resource=resource)
-    sent = _Sent()
-    queue = SpanQueue(sent, resource, InstrumentationScope("chat-gateway", __version__))
-    exporter = InMemorySpanExporter()
-    processed.add_span_processor(SimpleSpanProcessor(exporter))
-    try:
-        for provider, span_queue in ((processed, None), (queued, queue)):
-            tracer = LeanTracer(
-                provider.get_tracer("chat-gateway", __version__),
-                "chat-gateway",
-                __version__,
-                queue=span_queue,
-            )
-            assert takes_message_spans(tracer)
-            _message_stories(tracer)
-        assert queue.force_flush(10)
-    finally:
-        queue.shutdown()
-        processed.shutdown()
-        queued.shutdown()
-
-    expected = exporter.get_finished_spans()
+    bodies, expected, _ = _processed_and_queued(_message_stories)
     assert len(expected) == 10
     ours = ExportTraceServiceRequest()
-    for body in sent.bodies:
+    for body in bodies:
         ours.MergeFromString(body)
     ours = _without_ids(ours)
     (resource_spans,) = ours.resource_spans
