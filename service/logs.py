@@ -19,6 +19,7 @@ Components log through ``logging.getLogger("chat.<component>")`` with lazy
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
@@ -28,7 +29,15 @@ from typing import Any
 
 from opentelemetry import trace
 
-__all__ = ["JsonFormatter", "configure_logging", "log_kpi"]
+from service.deferred import Deferred
+
+__all__ = [
+    "JsonFormatter",
+    "configure_logging",
+    "flush_kpis",
+    "log_kpi",
+    "log_kpi_soon",
+]
 
 kpi_logger = logging.getLogger("chat.kpi")
 
@@ -125,9 +134,12 @@ class _KpiRecord(logging.LogRecord):
     formatter can still read it.
     """
 
-    def __init__(self, metric: str, kpi: dict[str, Any]) -> None:
+    def __init__(
+        self, metric: str, kpi: dict[str, Any], created: float | None = None
+    ) -> None:
         # LogRecord.__init__ is not called: it is the cost this class avoids.
-        created = time.time()
+        if created is None:
+            created = time.time()
         self.name = kpi_logger.name
         self.msg = metric
         self.args = None
@@ -150,3 +162,33 @@ def log_kpi(metric: str, **fields: float | int) -> None:
     """Write one KPI line in the documented shape."""
     if kpi_logger.isEnabledFor(logging.INFO):
         kpi_logger.handle(_KpiRecord(metric, {"metric": metric, **fields}))
+
+
+def _write_kpi(line: tuple[float, str, dict[str, Any]]) -> None:
+    created, metric, kpi = line
+    kpi_logger.handle(_KpiRecord(metric, kpi, created))
+
+
+# How long KPI lines logged on the event loop wait to be written together.
+KPI_DELAY_SECONDS = 0.05
+_waiting_kpis: Deferred[tuple[float, str, dict[str, Any]]] = Deferred(
+    _write_kpi, KPI_DELAY_SECONDS
+)
+atexit.register(_waiting_kpis.flush)
+
+
+def log_kpi_soon(metric: str, **fields: float | int) -> None:
+    """Log a KPI line that is written with the others of the next 50 ms.
+
+    For lines on the message path (see ``service.deferred``). The line's
+    ``t`` is the time of this call, so lines written together keep their own
+    times, but may follow event lines logged after them. ``flush_kpis``
+    writes those that wait; the gateway calls it when it stops.
+    """
+    if kpi_logger.isEnabledFor(logging.INFO):
+        _waiting_kpis.add((time.time(), metric, {"metric": metric, **fields}))
+
+
+def flush_kpis() -> None:
+    """Write every KPI line that waits now."""
+    _waiting_kpis.flush()

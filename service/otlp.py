@@ -42,6 +42,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 from service import message_span
+from service.deferred import Deferred
 from service.message_span import (
     EMIT_NAME,
     ENQUEUE_NAME,
@@ -90,6 +91,8 @@ _LINK_REMOTE = b"\x35" + _FLAGS_REMOTE
 _TIMES = struct.Struct("<cQcQ")  # start and end, fixed64
 _MISSES_BEFORE_BYPASS = 256
 _DROP_WARNING_SECONDS = 10.0
+# How long spans that end on the event loop wait to be encoded together.
+ENCODE_DELAY_SECONDS = 0.05
 # Span.kind: the API's kinds count from 0, the protocol's from 1 (unspecified is 0).
 _KINDS = {id(kind): b"\x30" + bytes([kind.value + 1]) for kind in SpanKind}
 
@@ -921,12 +924,14 @@ def grpc_span_exporter() -> SpanExporter:
 class SpanQueue:
     """Spans encoded as they end, sent in batches by one thread.
 
-    The gateway's own spans skip the SDK's span processor: each is encoded
-    when it ends, on the thread that ends it, and waits as bytes. The sending
-    thread only joins bytes and posts them. Encoding in the export thread
-    instead took twice as long per span under load, because that thread kept
-    losing the GIL (and its caches) to the event loop, and the spans it kept
-    alive added to the collector's work.
+    The gateway's own spans skip the SDK's span processor. Spans that end on
+    the event loop are encoded there, together with the others that end
+    within ``encode_delay_seconds`` (50 ms), and spans that end on another
+    thread are encoded at once by that thread. They then wait as bytes; the
+    sending thread only joins bytes and posts them. Encoding in the export
+    thread instead took twice as long per span under load, because that
+    thread kept losing the GIL (and its caches) to the event loop, and the
+    spans it kept alive added to the collector's work.
 
     The batching settings are the batch span processor's: ``OTEL_BSP_MAX_QUEUE_SIZE``
     spans at most wait (more are dropped and counted), and a batch of up to
@@ -946,6 +951,7 @@ class SpanQueue:
         max_queue_size: int = 2048,
         batch_size: int = 512,
         delay_seconds: float = 5.0,
+        encode_delay_seconds: float = ENCODE_DELAY_SECONDS,
     ) -> None:
         self._send = send
         self._max_queue_size = max_queue_size
@@ -961,6 +967,7 @@ class SpanQueue:
         )
         self._head = resource_field
         self._scope = _field(b"\x0a", _encoder.scope(scope))
+        self._ended: Deferred[Any] = Deferred(self._encode, encode_delay_seconds)
         self._spans: deque[bytes] = deque()  # append and popleft are thread-safe
         self._wake = threading.Event()
         self._sending = threading.Lock()
@@ -973,7 +980,15 @@ class SpanQueue:
         self._thread.start()
 
     def add(self, span: Any) -> None:
-        """Encode a finished, sampled span and its children and queue them, logging any error."""
+        """Queue a finished, sampled span and its children.
+
+        On the event loop they are encoded with the other spans that end
+        within ``encode_delay_seconds``; see ``service.deferred``.
+        """
+        self._ended.add(span)
+
+    def _encode(self, span: Any) -> None:
+        """Encode a span and its children and queue them, logging any error."""
         spans = self._spans
         waiting = len(spans)
         kind = type(span)
@@ -1040,11 +1055,13 @@ class SpanQueue:
         send has started still runs to the exporter's own timeout.
         """
         deadline = time.monotonic() + timeout_seconds
+        self._ended.flush()
         self._send_waiting(deadline)
         return not self._spans or time.monotonic() < deadline
 
     def shutdown(self, timeout_seconds: float = 30.0) -> None:
         """Send what waits and stop the thread."""
+        self._ended.flush()
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout_seconds)

@@ -39,7 +39,7 @@ from pymongo.errors import (
 )
 
 from service.errors import InvalidPayload, Overloaded, StoreUnavailable
-from service.logs import log_kpi
+from service.logs import flush_kpis, log_kpi_soon
 from service.message_span import (
     BATCH_DUPLICATES,
     WriteSpan,
@@ -170,6 +170,7 @@ class BatchWriter:
                 pending.future.set_exception(
                     StoreUnavailable("the gateway stopped before the write: resend")
                 )
+        flush_kpis()  # the per-write lines still waiting
 
     async def _next_batch(self) -> list[_Pending]:
         while not self._queue:
@@ -314,7 +315,7 @@ class BatchWriter:
             mode == "sample"
             and random.random() < self._settings.log_mongo_writes_sample_rate  # noqa: S311 - sampling, not security
         ):
-            log_kpi("mongo_write_ms", value=round(elapsed * 1000, 3))
+            log_kpi_soon("mongo_write_ms", value=round(elapsed * 1000, 3))
 
     def _record_outage(self, error: PyMongoError, size: int) -> None:
         if self._outage_since is None:

@@ -1,0 +1,75 @@
+"""Per-message telemetry work gathered on the event loop and done in a row.
+
+Between two messages the event loop runs a long path of Socket.IO, uvicorn
+and PyMongo code, which pushes the telemetry code and its data out of the
+CPU's caches. So a step run once per message, such as encoding a span or
+writing a KPI line, costs several times more there than in a loop that
+repeats it. ``Deferred`` keeps such items for a short delay, then handles
+all of them one after another: the first pays for the cold caches, the rest
+find them warm. docs/performance.md has the measurements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+__all__ = ["Deferred"]
+
+logger = logging.getLogger("chat.telemetry")
+
+T = TypeVar("T")
+
+
+class Deferred(Generic[T]):
+    """Items handled together, ``delay_seconds`` after the first of them.
+
+    Only items added on a thread that runs an event loop wait, for a timer
+    on that loop; an item added anywhere else is handled at once. ``flush``
+    handles what waits now, from any thread, for example before shutting
+    down. Items that wait on a loop closed before its timer fired are
+    handled with the next flush. A delay of 0 handles every item at once.
+    """
+
+    def __init__(self, handle: Callable[[T], object], delay_seconds: float) -> None:
+        if delay_seconds < 0:
+            raise ValueError(f"delay_seconds must be 0 or more, not {delay_seconds}")
+        self._handle = handle
+        self._delay = delay_seconds
+        self._items: deque[T] = deque()  # append and popleft are thread-safe
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: T) -> None:
+        """Handle ``item`` with the others added within the delay, or now."""
+        if self._delay:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on an event loop's thread
+                pass
+            else:
+                self._items.append(item)
+                if self._timer_loop is not loop:  # no timer on this loop yet
+                    self._timer_loop = loop
+                    loop.call_later(self._delay, self.flush)
+                return
+        self._handle(item)
+
+    def flush(self) -> None:
+        """Handle every item waiting now, in the order they were added."""
+        self._timer_loop = None
+        items = self._items
+        while True:
+            try:
+                item = items.popleft()
+            except IndexError:
+                return
+            try:
+                self._handle(item)
+            except Exception:  # one bad item must not hold back the rest
+                logger.exception("deferred telemetry item %r failed", item)
