@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gzip
 import logging
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -393,6 +396,84 @@ def test_http_exporter_uses_environment_proxies(
     assert ExportTraceServiceRequest.FromString(
         _Collector.bodies[0]
     ) == official_encode(spans)
+
+
+def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    """Make a certificate for 127.0.0.1 and its key with openssl; return both paths."""
+    certificate, key = directory / f"{name}.pem", directory / f"{name}-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+         "-keyout", str(key), "-out", str(certificate), "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    return certificate, key
+
+
+@pytest.fixture
+def tls_collector(tmp_path: Path) -> Iterator[tuple[int, dict[str, Path]]]:
+    """``_Collector`` over HTTPS with a new self-signed certificate.
+
+    Yield its port and two CA files: ``collector``, the only one that
+    verifies it, and ``other``, an unrelated certificate.
+    """
+    certificate, key = _self_signed(tmp_path, "collector")
+    other, _ = _self_signed(tmp_path, "other")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, key)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Collector.bodies, _Collector.paths = [], []
+    yield server.server_port, {"collector": certificate, "other": other}
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "delivered"),
+    [
+        ({"REQUESTS_CA_BUNDLE": "collector"}, True),
+        ({"CURL_CA_BUNDLE": "collector"}, True),
+        # The OTLP certificate wins over a bundle that lacks the collector's CA.
+        (
+            {
+                "REQUESTS_CA_BUNDLE": "other",
+                "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE": "collector",
+            },
+            True,
+        ),
+        ({"REQUESTS_CA_BUNDLE": "other"}, False),
+        ({}, False),
+    ],
+)
+def test_http_exporter_reads_the_ca_bundle_once(
+    spans: list[ReadableSpan],
+    monkeypatch: pytest.MonkeyPatch,
+    tls_collector: tuple[int, dict[str, Path]],
+    settings: dict[str, str],
+    delivered: bool,
+) -> None:
+    """A CA bundle from the environment verifies the collector, read at start-up only."""
+    port, files = tls_collector
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, file in settings.items():
+        monkeypatch.setenv(name, str(files[file]))
+    exporter = HttpSpanExporter(
+        endpoint=f"https://127.0.0.1:{port}/v1/traces", timeout=1
+    )
+    session = exporter._client._transport._session  # type: ignore[attr-defined]
+    assert session.trust_env is False  # no environment scan on each export
+    try:
+        result = exporter.export(spans)
+    finally:
+        exporter.shutdown()
+
+    assert (result is SpanExportResult.SUCCESS) is delivered
+    assert len(_Collector.bodies) == int(delivered)
 
 
 class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
