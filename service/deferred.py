@@ -27,11 +27,12 @@ T = TypeVar("T")
 class Deferred(Generic[T]):
     """Items handled together, ``delay_seconds`` after the first of them.
 
-    Only items added on a thread that runs an event loop wait, for a timer
-    on that loop; an item added anywhere else is handled at once. ``flush``
-    handles what waits now, from any thread, for example before shutting
-    down. Items that wait on a loop closed before its timer fired are
-    handled with the next flush. A delay of 0 handles every item at once.
+    Only items added on a thread that runs an event loop wait, and a timer
+    on that loop handles them. An item added on any other thread is handled
+    at once. ``flush`` handles the waiting items from any thread, for
+    example before shutting down. Items that wait on a loop closed before
+    its timer fired are handled by the next flush. A delay of 0 handles
+    every item at once.
     """
 
     def __init__(self, handle: Callable[[T], object], delay_seconds: float) -> None:

@@ -18,11 +18,10 @@ routes take the SDK's batch span processor to the same exporter. Any other
 SDK provider (the tests' in-memory one) receives the gateway's spans through
 its own processors.
 
-NOTE: tracing every message still adds 12-16% to the gateway's CPU per
-message on the 2-vCPU reference host (``python -m benchmarks.telemetry``,
-three runs) and 17% to its instructions at 8 msg/s (``python -m
-benchmarks.instructions``), above the 10% target. 10% head sampling adds
-5-10%. Nearly all of it is the spans' work on the event loop
+NOTE: tracing every message still adds 11-14% to the gateway's CPU per
+message at 250 msg/s on the 2-vCPU reference host, and about 10% at 450
+msg/s (``python -m benchmarks.telemetry``), against a 10% target. 10% head
+sampling adds 5-7%. Nearly all of it is the spans' work on the event loop
 (docs/performance.md).
 
 Spans of one message (names use the room template, not the task id, so that

@@ -23,7 +23,7 @@ from service.spans import LeanTracer
 from tests.test_otlp import _Sent
 
 
-def test_items_off_the_loop_are_handled_at_once() -> None:
+def test_items_off_loop_handled_at_once() -> None:
     handled: list[int] = []
     deferred = Deferred(handled.append, 0.05)
     deferred.add(1)
@@ -31,7 +31,7 @@ def test_items_off_the_loop_are_handled_at_once() -> None:
     assert len(deferred) == 0
 
 
-async def test_items_on_the_loop_wait_then_are_handled_in_order() -> None:
+async def test_loop_items_wait_then_run_in_order() -> None:
     handled: list[tuple[int, float]] = []
     deferred = Deferred(lambda item: handled.append((item, time.monotonic())), 0.05)
     added = time.monotonic()
@@ -51,7 +51,7 @@ async def test_items_on_the_loop_wait_then_are_handled_in_order() -> None:
     assert [item for item, _ in handled] == [0, 1, 2, 3, 4, 5]
 
 
-async def test_a_zero_delay_handles_items_at_once_on_the_loop() -> None:
+async def test_zero_delay_handles_at_once() -> None:
     handled: list[int] = []
     Deferred(handled.append, 0).add(1)
     assert handled == [1]
@@ -59,7 +59,7 @@ async def test_a_zero_delay_handles_items_at_once_on_the_loop() -> None:
         Deferred(handled.append, -1)
 
 
-def test_flush_from_another_thread_and_after_the_loop_closed() -> None:
+def test_flush_after_loop_closed() -> None:
     """Items of a loop closed before its timer fired wait for the next flush or loop."""
     handled: list[int] = []
     deferred = Deferred(handled.append, 60)
@@ -88,7 +88,7 @@ def test_flush_from_another_thread_and_after_the_loop_closed() -> None:
     assert handled == [1, 2, 4, 3]
 
 
-async def test_a_failing_item_is_logged_and_the_rest_handled(
+async def test_failing_item_logged_rest_handled(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     handled: list[int] = []
@@ -132,7 +132,7 @@ def queue_and_tracer() -> Iterator[tuple[SpanQueue, LeanTracer, _Sent]]:
     provider.shutdown()
 
 
-async def test_spans_ended_on_the_loop_are_encoded_together(
+async def test_loop_spans_encoded_together(
     queue_and_tracer: tuple[SpanQueue, LeanTracer, _Sent],
 ) -> None:
     queue, tracer, sent = queue_and_tracer
@@ -149,7 +149,7 @@ async def test_spans_ended_on_the_loop_are_encoded_together(
     assert [span.name for span in sent.spans()] == [f"work {n}" for n in range(4)]
 
 
-async def test_shutdown_sends_spans_that_wait_to_be_encoded(
+async def test_shutdown_sends_waiting_spans(
     queue_and_tracer: tuple[SpanQueue, LeanTracer, _Sent],
 ) -> None:
     queue, tracer, sent = queue_and_tracer
@@ -160,7 +160,7 @@ async def test_shutdown_sends_spans_that_wait_to_be_encoded(
     assert queue.dropped == 0
 
 
-def test_spans_ended_off_the_loop_are_encoded_at_once(
+def test_spans_off_loop_encoded_at_once(
     queue_and_tracer: tuple[SpanQueue, LeanTracer, _Sent],
 ) -> None:
     queue, tracer, _ = queue_and_tracer
@@ -184,7 +184,7 @@ def kpi_stream() -> Iterator[io.StringIO]:
     logs.kpi_logger.propagate = propagate
 
 
-async def test_kpi_lines_on_the_loop_keep_their_own_times(
+async def test_kpi_lines_keep_write_times(
     kpi_stream: io.StringIO,
 ) -> None:
     before = time.time()

@@ -449,7 +449,7 @@ def tls_collector(tmp_path: Path) -> Iterator[tuple[int, dict[str, Path]]]:
         ({}, False),
     ],
 )
-def test_http_exporter_reads_the_ca_bundle_once(
+def test_exporter_reads_ca_bundle_once(
     spans: list[ReadableSpan],
     monkeypatch: pytest.MonkeyPatch,
     tls_collector: tuple[int, dict[str, Path]],
