@@ -928,7 +928,7 @@ def grpc_span_exporter() -> SpanExporter:
 
 
 class SpanQueue:
-    """Spans encoded as they end, sent in batches by one thread.
+    """Spans encoded soon after they end, sent in batches by one thread.
 
     The gateway's own spans skip the SDK's span processor. Spans that end on
     the event loop are encoded there, together with the others that end

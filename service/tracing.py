@@ -12,8 +12,8 @@ and the exporter's headers, timeout and compression.
 
 The gateway's own spans are ``LeanSpan`` objects (``service.spans``): the
 provider's sampler and limits apply, but a span costs about a third of an SDK
-span. With the provider built here, each is encoded to OTLP as it ends
-(``service.otlp``) and sent in batches by a ``SpanQueue``; spans of the HTTP
+span. With the provider built here, each is encoded to OTLP soon after it
+ends (``service.otlp``) and sent in batches by a ``SpanQueue``; spans of the HTTP
 routes take the SDK's batch span processor to the same exporter. Any other
 SDK provider (the tests' in-memory one) receives the gateway's spans through
 its own processors.
