@@ -29,17 +29,26 @@ class Deferred(Generic[T]):
 
     Only items added on a thread that runs an event loop wait, and a timer
     on that loop handles them. An item added on any other thread is handled
-    at once. ``flush`` handles the waiting items from any thread, for
+    at once. With ``max_items``, a group is handled as soon as it has that
+    many items. ``flush`` handles the waiting items from any thread, for
     example before shutting down. Items that wait on a loop closed before
     its timer fired are handled by the next flush. A delay of 0 handles
     every item at once.
     """
 
-    def __init__(self, handle: Callable[[T], object], delay_seconds: float) -> None:
+    def __init__(
+        self,
+        handle: Callable[[T], object],
+        delay_seconds: float,
+        max_items: int | None = None,
+    ) -> None:
         if delay_seconds < 0:
             raise ValueError(f"delay_seconds must be 0 or more, not {delay_seconds}")
+        if max_items is not None and max_items < 1:
+            raise ValueError(f"max_items must be 1 or more, not {max_items}")
         self._handle = handle
         self._delay = delay_seconds
+        self._max_items = max_items
         self._items: deque[T] = deque()  # append and popleft are thread-safe
         self._timer_loop: asyncio.AbstractEventLoop | None = None
 
@@ -54,8 +63,11 @@ class Deferred(Generic[T]):
             except RuntimeError:  # not on an event loop's thread
                 pass
             else:
-                self._items.append(item)
-                if self._timer_loop is not loop:  # no timer on this loop yet
+                items = self._items
+                items.append(item)
+                if self._max_items is not None and len(items) >= self._max_items:
+                    self.flush()
+                elif self._timer_loop is not loop:  # no timer on this loop yet
                     self._timer_loop = loop
                     loop.call_later(self._delay, self.flush)
                 return

@@ -93,6 +93,8 @@ _MISSES_BEFORE_BYPASS = 256
 _DROP_WARNING_SECONDS = 10.0
 # How long spans that end on the event loop wait to be encoded together.
 ENCODE_DELAY_SECONDS = 0.05
+# A message's span with its two recorded children: emit and enqueue index.
+_SPANS_PER_MESSAGE = 3
 # Span.kind: the API's kinds count from 0, the protocol's from 1 (unspecified is 0).
 _KINDS = {id(kind): b"\x30" + bytes([kind.value + 1]) for kind in SpanKind}
 
@@ -844,10 +846,11 @@ class HttpSpanExporter(_HttpExporter):
     trusts the environment reads every variable of it twice a request to
     find proxies: about 1 ms of CPU per export on the reference host. Read
     once, ``HTTPS_PROXY``, ``HTTP_PROXY`` and ``NO_PROXY`` apply as before,
-    and so does a CA bundle named by ``REQUESTS_CA_BUNDLE`` or
-    ``CURL_CA_BUNDLE``, unless ``OTEL_EXPORTER_OTLP_CERTIFICATE`` (or its
-    traces variant) names the certificate, which then wins. ``~/.netrc`` is
-    not read: credentials go in ``OTEL_EXPORTER_OTLP_HEADERS``.
+    and so does the CA bundle that ``REQUESTS_CA_BUNDLE`` or
+    ``CURL_CA_BUNDLE`` names (its file is loaded for each new connection),
+    unless ``OTEL_EXPORTER_OTLP_CERTIFICATE`` (or its traces variant) names
+    the certificate, which then wins. ``~/.netrc`` is not read: credentials
+    go in ``OTEL_EXPORTER_OTLP_HEADERS``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -932,8 +935,9 @@ class SpanQueue:
 
     The gateway's own spans skip the SDK's span processor. Spans that end on
     the event loop are encoded there, together with the others that end
-    within ``encode_delay_seconds`` (50 ms), and spans that end on another
-    thread are encoded at once by that thread. They then wait as bytes; the
+    within ``encode_delay_seconds`` (50 ms), or as soon as enough of them
+    have ended to fill a batch. Spans that end on another thread are encoded at once by that
+    thread. They then wait as bytes; the
     sending thread only joins bytes and posts them. Encoding in the export
     thread instead took twice as long per span under load, because that
     thread kept losing the GIL (and its caches) to the event loop, and the
@@ -973,7 +977,14 @@ class SpanQueue:
         )
         self._head = resource_field
         self._scope = _field(b"\x0a", _encoder.scope(scope))
-        self._ended: Deferred[Any] = Deferred(self._encode, encode_delay_seconds)
+        # A group is encoded without a pause, so a group of more than a batch
+        # could fill a small queue before the sending thread runs. A message
+        # span brings up to two children, hence a third of a batch.
+        self._ended: Deferred[Any] = Deferred(
+            self._encode,
+            encode_delay_seconds,
+            max_items=max(1, self._batch_size // _SPANS_PER_MESSAGE),
+        )
         self._spans: deque[bytes] = deque()  # append and popleft are thread-safe
         self._wake = threading.Event()
         self._sending = threading.Lock()
@@ -989,7 +1000,7 @@ class SpanQueue:
         """Queue a finished, sampled span and its children.
 
         On the event loop they are encoded with the other spans that end
-        within ``encode_delay_seconds``; see ``service.deferred``.
+        within ``encode_delay_seconds``, as ``service.deferred`` describes.
         """
         self._ended.add(span)
 

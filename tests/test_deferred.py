@@ -57,6 +57,19 @@ async def test_zero_delay_handles_at_once() -> None:
     assert handled == [1]
     with pytest.raises(ValueError, match="delay_seconds must be 0 or more, not -1"):
         Deferred(handled.append, -1)
+    with pytest.raises(ValueError, match="max_items must be 1 or more, not 0"):
+        Deferred(handled.append, 1, max_items=0)
+
+
+async def test_full_group_handled_at_once() -> None:
+    handled: list[int] = []
+    deferred = Deferred(handled.append, 60, max_items=3)
+    for item in range(7):
+        deferred.add(item)
+    assert handled == [0, 1, 2, 3, 4, 5]
+    assert len(deferred) == 1
+    deferred.flush()
+    assert handled == list(range(7))
 
 
 def test_flush_after_loop_closed() -> None:
@@ -158,6 +171,37 @@ async def test_shutdown_sends_waiting_spans(
     queue.shutdown(5)
     assert [span.name for span in sent.spans()] == ["last"]
     assert queue.dropped == 0
+
+
+async def test_small_queue_drops_no_grouped_spans() -> None:
+    """A queue of 8 spans keeps up with more than 8 spans ending per 50 ms."""
+    resource = Resource({"service.name": "chat-gateway"})
+    provider = TracerProvider(resource=resource)
+    sent = _Sent()
+    queue = SpanQueue(
+        sent,
+        resource,
+        InstrumentationScope("chat-gateway", __version__),
+        max_queue_size=8,
+        batch_size=4,
+    )
+    tracer = LeanTracer(
+        provider.get_tracer("chat-gateway", __version__),
+        "chat-gateway",
+        __version__,
+        queue=queue,
+    )
+    try:
+        for turn in range(40):  # 160 spans in about 0.8 s, 10 in 50 ms
+            for number in range(4):
+                tracer.start_span(f"work {turn}.{number}").end()
+            await asyncio.sleep(0.02)
+        assert queue.force_flush(5)
+    finally:
+        queue.shutdown(5)
+        provider.shutdown()
+    assert queue.dropped == 0
+    assert len(sent.spans()) == 160
 
 
 def test_spans_off_loop_encoded_at_once(
