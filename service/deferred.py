@@ -51,6 +51,7 @@ class Deferred(Generic[T]):
         self._max_items = max_items
         self._items: deque[T] = deque()  # append and popleft are thread-safe
         self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -66,16 +67,19 @@ class Deferred(Generic[T]):
                 items = self._items
                 items.append(item)
                 if self._max_items is not None and len(items) >= self._max_items:
+                    timer = self._timer
+                    if timer is not None and self._timer_loop is loop:
+                        timer.cancel()  # else it would cut the next group short
                     self.flush()
                 elif self._timer_loop is not loop:  # no timer on this loop yet
                     self._timer_loop = loop
-                    loop.call_later(self._delay, self.flush)
+                    self._timer = loop.call_later(self._delay, self.flush)
                 return
         self._handle(item)
 
     def flush(self) -> None:
         """Handle every item waiting now, in the order they were added."""
-        self._timer_loop = None
+        self._timer_loop = self._timer = None
         items = self._items
         while True:
             try:

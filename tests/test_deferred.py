@@ -72,6 +72,25 @@ async def test_full_group_handled_at_once() -> None:
     assert handled == list(range(7))
 
 
+async def test_full_group_cancels_its_timer() -> None:
+    """The next group waits the whole delay, not what was left of the last one."""
+    handled: list[tuple[str, float]] = []
+    deferred = Deferred(
+        lambda item: handled.append((item, time.monotonic())), 0.3, max_items=2
+    )
+    deferred.add("a")
+    await asyncio.sleep(0.15)
+    deferred.add("b")  # a full group: handled now
+    added = time.monotonic()
+    deferred.add("late")
+    await asyncio.sleep(0.2)  # past the first group's timer
+    assert [item for item, _ in handled] == ["a", "b"]
+
+    await asyncio.sleep(0.3)
+    assert [item for item, _ in handled] == ["a", "b", "late"]
+    assert handled[-1][1] - added >= 0.295
+
+
 def test_flush_after_loop_closed() -> None:
     """Items of a loop closed before its timer fired wait for the next flush or loop."""
     handled: list[int] = []
