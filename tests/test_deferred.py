@@ -9,6 +9,8 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.resources import Resource
@@ -141,17 +143,15 @@ async def test_failing_item_logged_rest_handled(
     assert record.exc_info is not None
 
 
-@pytest.fixture
-def queue_and_tracer() -> Iterator[tuple[SpanQueue, LeanTracer, _Sent]]:
+@contextmanager
+def _queued_tracer(**options: Any) -> Iterator[tuple[SpanQueue, LeanTracer, _Sent]]:
+    """Yield a span queue made with ``options``, a lean tracer that ends spans in
+    it, and the queue's sender; shut both down afterwards."""
     resource = Resource({"service.name": "chat-gateway"})
     provider = TracerProvider(resource=resource)
     sent = _Sent()
     queue = SpanQueue(
-        sent,
-        resource,
-        InstrumentationScope("chat-gateway", __version__),
-        delay_seconds=60,  # nothing is sent unless flushed
-        encode_delay_seconds=0.05,
+        sent, resource, InstrumentationScope("chat-gateway", __version__), **options
     )
     tracer = LeanTracer(
         provider.get_tracer("chat-gateway", __version__),
@@ -159,9 +159,18 @@ def queue_and_tracer() -> Iterator[tuple[SpanQueue, LeanTracer, _Sent]]:
         __version__,
         queue=queue,
     )
-    yield queue, tracer, sent
-    queue.shutdown(5)
-    provider.shutdown()
+    try:
+        yield queue, tracer, sent
+    finally:
+        queue.shutdown(5)
+        provider.shutdown()
+
+
+@pytest.fixture
+def queue_and_tracer() -> Iterator[tuple[SpanQueue, LeanTracer, _Sent]]:
+    # A schedule delay of 60 s: nothing is sent unless flushed.
+    with _queued_tracer(delay_seconds=60, encode_delay_seconds=0.05) as made:
+        yield made
 
 
 async def test_loop_spans_encoded_together(
@@ -194,31 +203,12 @@ async def test_shutdown_sends_waiting_spans(
 
 async def test_small_queue_drops_no_grouped_spans() -> None:
     """A queue of 8 spans keeps up with more than 8 spans ending per 50 ms."""
-    resource = Resource({"service.name": "chat-gateway"})
-    provider = TracerProvider(resource=resource)
-    sent = _Sent()
-    queue = SpanQueue(
-        sent,
-        resource,
-        InstrumentationScope("chat-gateway", __version__),
-        max_queue_size=8,
-        batch_size=4,
-    )
-    tracer = LeanTracer(
-        provider.get_tracer("chat-gateway", __version__),
-        "chat-gateway",
-        __version__,
-        queue=queue,
-    )
-    try:
+    with _queued_tracer(max_queue_size=8, batch_size=4) as (queue, tracer, sent):
         for turn in range(40):  # 160 spans in about 0.8 s, 10 in 50 ms
             for number in range(4):
                 tracer.start_span(f"work {turn}.{number}").end()
             await asyncio.sleep(0.02)
         assert queue.force_flush(5)
-    finally:
-        queue.shutdown(5)
-        provider.shutdown()
     assert queue.dropped == 0
     assert len(sent.spans()) == 160
 

@@ -603,30 +603,9 @@ def _without_ids(request: ExportTraceServiceRequest) -> ExportTraceServiceReques
 
 def test_queued_spans_encode_as_processed_spans() -> None:
     """A span sent through the queue is the span the SDK processors would export."""
-    resource = Resource({"service.name": "chat-gateway"})
-    processed = TracerProvider(resource=resource)
-    queued = TracerProvider(resource=resource)
-    sent = _Sent()
-    queue = SpanQueue(sent, resource, InstrumentationScope("chat-gateway", __version__))
-    exporter = InMemorySpanExporter()
-    processed.add_span_processor(SimpleSpanProcessor(exporter))
-    try:
-        _story(Tracing(processed).tracer)
-        expected = exporter.get_finished_spans()
-        tracer = LeanTracer(
-            queued.get_tracer("chat-gateway", __version__),
-            "chat-gateway",
-            __version__,
-            queue=queue,
-        )
-        _story(tracer)
-        assert queue.force_flush(10)
-    finally:
-        queue.shutdown()
-        processed.shutdown()
-        queued.shutdown()
+    bodies, expected, _ = _processed_and_queued(_story)
 
-    (body,) = sent.bodies
+    (body,) = bodies
     ours = _without_ids(ExportTraceServiceRequest.FromString(body))
     assert ours == _without_ids(official_encode(expected))
 
