@@ -201,7 +201,8 @@ def _fixed_load(
     summary: dict[str, Any] = {}
     for name, results in rounds.items():
         summary[name] = {
-            # An even count of rounds averages two medians: round off the float noise.
+            # With an even number of rounds the median is the mean of two values,
+            # so it is rounded to drop the float noise.
             key: round(statistics.median(r[key] for r in results), 3)
             for key in ("gateway_cpu_ms_per_message", "ack_p50_ms", "ack_p95_ms")
         }

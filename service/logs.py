@@ -180,10 +180,11 @@ atexit.register(_waiting_kpis.flush)
 def log_kpi_soon(metric: str, **fields: float | int) -> None:
     """Log a KPI line that is written with the others of the next 50 ms.
 
-    For lines on the message path (see ``service.deferred``). The line's
-    ``t`` is the time of this call, so lines written together keep their own
-    times, but may follow event lines logged after them. ``flush_kpis``
-    writes those that wait; the gateway calls it when it stops.
+    It is meant for lines on the message path (see ``service.deferred``).
+    The line's ``t`` is the time of this call, so lines written together
+    keep their own times, but may follow other lines logged after them.
+    ``flush_kpis`` writes those that wait, and the writer calls it when it
+    stops.
     """
     if kpi_logger.isEnabledFor(logging.INFO):
         _waiting_kpis.add((time.time(), metric, {"metric": metric, **fields}))

@@ -935,10 +935,10 @@ class SpanQueue:
 
     The gateway's own spans skip the SDK's span processor. Spans that end on
     the event loop are encoded there, together with the others that end
-    within ``encode_delay_seconds`` (50 ms), or as soon as a third of
-    ``batch_size`` of them have ended (with up to two children each, a
-    group then fits in a batch). Spans that end on another thread are encoded at once by that
-    thread. They then wait as bytes; the
+    within ``encode_delay_seconds`` (50 ms). A group is encoded sooner once
+    a third of ``batch_size`` spans have ended in it, so that with up to two
+    children each it still fits in a batch. Spans that end on another thread
+    are encoded at once by that thread. They then wait as bytes, and the
     sending thread only joins bytes and posts them. Encoding in the export
     thread instead took twice as long per span under load, because that
     thread kept losing the GIL (and its caches) to the event loop, and the

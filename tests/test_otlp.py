@@ -399,7 +399,7 @@ def test_http_exporter_uses_environment_proxies(
 
 
 def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    """Make a certificate for 127.0.0.1 and its key with openssl; return both paths."""
+    """Make a certificate for 127.0.0.1 and its key with openssl, and return both paths."""
     certificate, key = directory / f"{name}.pem", directory / f"{name}-key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
