@@ -348,6 +348,26 @@ PANELS: dict[int, Panel] = {
             ),
         ),
         Panel(
+            id=18,
+            title="Trace spans dropped",
+            description=(
+                "Spans of messages and batch writes dropped by a full span queue "
+                "instead of being exported. Above zero, traces in Jaeger miss "
+                "spans: the collector is down or slow, or OTEL_BSP_MAX_QUEUE_SIZE "
+                "is too small for the load."
+            ),
+            unit="short",
+            axis_label="spans/s",
+            targets=(
+                Target(
+                    expr=(
+                        f"sum by (instance) ({_rate('chat_trace_spans_dropped_total')})"
+                    ),
+                    legend="{{instance}}",
+                ),
+            ),
+        ),
+        Panel(
             id=14,
             title="Indexing queue depth and backlog",
             description=(
@@ -440,7 +460,7 @@ ROWS: tuple[tuple[int, str, tuple[int, ...]], ...] = (
     (100, "Traffic", (1, 2, 3, 4)),
     (101, "Latency", (5, 6, 7, 8)),
     (102, "MongoDB writer", (9, 10, 11)),
-    (103, "Process", (12, 13)),
+    (103, "Process", (12, 13, 18)),
     (104, "Semantic indexing", (14, 15, 16, 17)),
 )
 

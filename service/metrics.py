@@ -143,6 +143,12 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.trace_spans_dropped = Counter(
+            "chat_trace_spans_dropped",
+            "Finished spans of the gateway's own that were dropped instead of "
+            "exported, because the span queue was full or shutting down.",
+            registry=registry,
+        )
         self.indexed = Counter(
             "chat_indexed_messages",
             "Messages embedded, upserted into Qdrant and marked indexed.",

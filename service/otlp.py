@@ -945,9 +945,10 @@ class SpanQueue:
     spans it kept alive added to the collector's work.
 
     The batching settings are the batch span processor's: ``OTEL_BSP_MAX_QUEUE_SIZE``
-    spans at most wait (more are dropped and counted), and a batch of up to
-    ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` goes out every ``OTEL_BSP_SCHEDULE_DELAY``
-    ms, or as soon as that many wait. A span and the children recorded on it
+    spans at most wait (more are dropped, and counted in ``dropped`` and
+    through ``on_drop``), and a batch of up to ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``
+    goes out every ``OTEL_BSP_SCHEDULE_DELAY`` ms, or as soon as that many
+    wait. A span and the children recorded on it
     are queued or dropped together, so that no child arrives without its
     parent. A warning with the count so far is logged at the first drop and
     then at most every 10 s.
@@ -991,6 +992,9 @@ class SpanQueue:
         self._sending = threading.Lock()
         self._stopping = False
         self.dropped = 0
+        # Called with each count of spans dropped: the gateway counts them in
+        # chat_trace_spans_dropped_total.
+        self.on_drop: Callable[[int], object] | None = None
         self._next_drop_warning = 0.0
         self._thread = threading.Thread(
             target=self._run, name="otlp-span-queue", daemon=True
@@ -1023,6 +1027,8 @@ class SpanQueue:
         count = len(encoded)
         if waiting + count > self._max_queue_size or self._stopping:
             self.dropped += count
+            if self.on_drop is not None:
+                self.on_drop(count)
             now = time.monotonic()
             if now >= self._next_drop_warning:  # the first, then every 10 s at most
                 self._next_drop_warning = now + _DROP_WARNING_SECONDS

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.embedded import free_port
 from service.logs import JsonFormatter, _timestamp
 from service.metrics import TracedHistogram
+from service.tracing import GatewayTracerProvider, create_tracer_provider
 from tests.conftest import RunningGateway, eventually, http
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -510,6 +511,67 @@ async def test_otlp_export_reaches_receiver(spawn_gateway: Any) -> None:
     # The gateway's spans and the HTTP route's (an SDK span) share one trace.
     assert message.trace_id == route.trace_id
     assert message.parent_span_id == route.span_id
+
+
+class _HeldReceiver(BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver that responds only once ``release`` is set."""
+
+    entered = threading.Event()
+    release = threading.Event()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        _HeldReceiver.entered.set()
+        _HeldReceiver.release.wait(30)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+async def test_dropped_spans_counted_in_metric(
+    gateway_factory: Any, connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spans dropped by a full span queue show in chat_trace_spans_dropped_total."""
+    port = free_port()
+    receiver = ThreadingHTTPServer(("127.0.0.1", port), _HeldReceiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    _HeldReceiver.entered.clear()
+    _HeldReceiver.release.clear()
+    settings = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "4",
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2",
+    }
+    for name, value in settings.items():  # the exporter reads os.environ
+        monkeypatch.setenv(name, value)
+    provider = create_tracer_provider()
+    assert isinstance(provider, GatewayTracerProvider)
+    try:
+        gateway = gateway_factory(tracer_provider=provider, indexing_enabled=False)
+        client = await connect(gateway, gateway.token("t1", "olga"))
+        # The sending thread waits in the receiver with the first batch, so the
+        # spans of the messages after it fill the queue of 4.
+        for number in range(12):
+            await client.send(f"m{number}", f"drop-{number}")
+        assert await asyncio.to_thread(_HeldReceiver.entered.wait, 10)
+        await asyncio.sleep(0.2)  # the last spans wait 50 ms to be encoded
+        async with http(gateway) as api:
+            values = _samples((await api.get("/metrics")).text)
+        dropped = provider.span_queue.dropped
+        _HeldReceiver.release.set()
+        gateway.stop()  # sends what waits while the receiver still responds
+    finally:
+        _HeldReceiver.release.set()
+        receiver.shutdown()
+
+    # 12 messages make at least 24 spans: at most 4 wait and 2 are being sent.
+    assert dropped >= 24 - 4 - 2
+    assert values[("chat_trace_spans_dropped_total", ())] == dropped
 
 
 @pytest.mark.parametrize(
