@@ -351,19 +351,21 @@ PANELS: dict[int, Panel] = {
             id=18,
             title="Trace spans dropped",
             description=(
-                "Spans of messages and batch writes dropped by a full span queue "
-                "instead of being exported. Above zero, traces in Jaeger miss "
-                "spans: the collector is down or slow, or OTEL_BSP_MAX_QUEUE_SIZE "
-                "is too small for the load."
+                "The gateway's own spans (messages, batch writes, indexing) never "
+                "exported, by reason: export_failed (the collector rejected the "
+                "batch or did not answer in time), queue_full (spans came faster "
+                "than they were sent) or shutdown. Above zero, traces in Jaeger "
+                "miss spans."
             ),
             unit="short",
             axis_label="spans/s",
             targets=(
                 Target(
                     expr=(
-                        f"sum by (instance) ({_rate('chat_trace_spans_dropped_total')})"
+                        "sum by (instance, reason) "
+                        f"({_rate('chat_trace_spans_dropped_total')})"
                     ),
-                    legend="{{instance}}",
+                    legend="{{instance}} {{reason}}",
                 ),
             ),
         ),

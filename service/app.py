@@ -72,7 +72,7 @@ class Gateway:
         self.tracing = Tracing(tracer_provider)
         span_queue = getattr(tracer_provider, "span_queue", None)
         if span_queue is not None:
-            span_queue.on_drop = self.metrics.trace_spans_dropped.inc
+            span_queue.on_drop = self.metrics.count_dropped_spans
         self.secret = load_secret(settings.jwt_secret, settings.data_dir, create=True)
         self.embedded: EmbeddedMongo | None = None
         self.closing = False

@@ -61,6 +61,8 @@ LOOP_LAG_BUCKETS = (
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 INDEX_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Why the span queue dropped spans: the label values of chat_trace_spans_dropped.
+SPAN_DROP_REASONS = ("queue_full", "shutdown", "export_failed")
 CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -145,8 +147,9 @@ class Metrics:
         )
         self.trace_spans_dropped = Counter(
             "chat_trace_spans_dropped",
-            "Finished spans of the gateway's own that were dropped instead of "
-            "exported, because the span queue was full or shutting down.",
+            "Finished spans of the gateway's own that were never exported, by "
+            "reason: queue_full, shutdown or export_failed.",
+            ["reason"],
             registry=registry,
         )
         self.indexed = Counter(
@@ -290,6 +293,12 @@ class Metrics:
         self.events_ignored.labels(reason="unknown_event")
         for stage in ("embed", "upsert", "mark"):
             self.index_errors.labels(stage=stage)
+        for reason in SPAN_DROP_REASONS:
+            self.trace_spans_dropped.labels(reason=reason)
+
+    def count_dropped_spans(self, count: int, reason: str) -> None:
+        """Count ``count`` spans the span queue dropped, for ``reason``."""
+        self.trace_spans_dropped.labels(reason=reason).inc(count)
 
     def exposition_registry(self) -> CollectorRegistry:
         """Return the registry a scrape should read."""

@@ -945,13 +945,13 @@ class SpanQueue:
     spans it kept alive added to the collector's work.
 
     The batching settings are the batch span processor's: ``OTEL_BSP_MAX_QUEUE_SIZE``
-    spans at most wait (more are dropped, and counted in ``dropped`` and
-    through ``on_drop``), and a batch of up to ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``
-    goes out every ``OTEL_BSP_SCHEDULE_DELAY`` ms, or as soon as that many
-    wait. A span and the children recorded on it
-    are queued or dropped together, so that no child arrives without its
-    parent. A warning with the count so far is logged at the first drop and
-    then at most every 10 s.
+    spans at most wait (more are dropped and counted in ``dropped``), and a
+    batch of up to ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` goes out every
+    ``OTEL_BSP_SCHEDULE_DELAY`` ms, or as soon as that many wait. A span and
+    the children recorded on it are queued or dropped together, so that no
+    child arrives without its parent. A warning with the count so far is
+    logged at the first drop and then at most every 10 s. ``on_drop`` is
+    called with the count and reason of every drop, failed exports included.
     """
 
     def __init__(
@@ -992,9 +992,9 @@ class SpanQueue:
         self._sending = threading.Lock()
         self._stopping = False
         self.dropped = 0
-        # Called with each count of spans dropped: the gateway counts them in
-        # chat_trace_spans_dropped_total.
-        self.on_drop: Callable[[int], object] | None = None
+        # Called with each count of spans dropped and the reason (queue_full,
+        # shutdown or export_failed): the gateway counts them in a metric.
+        self.on_drop: Callable[[int, str], object] | None = None
         self._next_drop_warning = 0.0
         self._thread = threading.Thread(
             target=self._run, name="otlp-span-queue", daemon=True
@@ -1027,8 +1027,7 @@ class SpanQueue:
         count = len(encoded)
         if waiting + count > self._max_queue_size or self._stopping:
             self.dropped += count
-            if self.on_drop is not None:
-                self.on_drop(count)
+            self._report_drop(count, "shutdown" if self._stopping else "queue_full")
             now = time.monotonic()
             if now >= self._next_drop_warning:  # the first, then every 10 s at most
                 self._next_drop_warning = now + _DROP_WARNING_SECONDS
@@ -1067,10 +1066,19 @@ class SpanQueue:
                 left -= count
                 batch = [spans.popleft() for _ in range(count)]
                 try:
-                    if not self._send(self.request(batch)):
-                        logger.warning("export of %d spans failed: dropped", count)
+                    sent = self._send(self.request(batch))
                 except Exception:  # the thread must outlive a failed export
                     logger.exception("export of %d spans failed: dropped", count)
+                    sent = False
+                else:
+                    if not sent:
+                        logger.warning("export of %d spans failed: dropped", count)
+                if not sent:
+                    self._report_drop(count, "export_failed")
+
+    def _report_drop(self, count: int, reason: str) -> None:
+        if self.on_drop is not None:
+            self.on_drop(count, reason)
 
     def force_flush(self, timeout_seconds: float = 30.0) -> bool:
         """Send what waits now, from the calling thread, as the SDK's processor does.

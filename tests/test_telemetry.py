@@ -571,7 +571,77 @@ async def test_dropped_spans_counted_in_metric(
 
     # 12 messages make at least 24 spans: at most 4 wait and 2 are being sent.
     assert dropped >= 24 - 4 - 2
-    assert values[("chat_trace_spans_dropped_total", ())] == dropped
+    assert values[_dropped("queue_full")] == dropped
+    assert values[_dropped("export_failed")] == 0
+    assert values[_dropped("shutdown")] == 0
+
+
+def _dropped(reason: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return ("chat_trace_spans_dropped_total", (("reason", reason),))
+
+
+class _RejectingReceiver(BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver that rejects every request with 400 Bad Request."""
+
+    bodies: list[bytes] = []
+
+    def do_POST(self) -> None:
+        _RejectingReceiver.bodies.append(
+            self.rfile.read(int(self.headers["Content-Length"]))
+        )
+        self.send_response(400)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+async def test_failed_exports_counted_in_metric(
+    gateway_factory: Any, connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spans of a rejected export show as export_failed drops."""
+    port = free_port()
+    receiver = ThreadingHTTPServer(("127.0.0.1", port), _RejectingReceiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    _RejectingReceiver.bodies = []
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    try:
+        gateway = gateway_factory(
+            tracer_provider=create_tracer_provider(), indexing_enabled=False
+        )
+        client = await connect(gateway, gateway.token("t1", "olga"))
+        for number in range(3):
+            await client.send(f"m{number}", f"fail-{number}")
+
+        async def dropped() -> float:
+            async with http(gateway) as api:
+                values = _samples((await api.get("/metrics")).text)
+            return values[_dropped("export_failed")]
+
+        # One message span and its emit child each, and at least one batch span.
+        deadline = time.monotonic() + 15
+        while await dropped() < 7 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)  # let any later export land in the count too
+        count = await dropped()
+        gateway.stop()
+    finally:
+        receiver.shutdown()
+
+    # The count covers no more spans than the receiver rejected, and the exports
+    # after the scrape (at shutdown) were rejected too.
+    rejected = 0
+    for body in _RejectingReceiver.bodies:
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in request.resource_spans:
+            for scope in resource_spans.scope_spans:
+                if scope.scope.name == "chat-gateway":
+                    rejected += len(scope.spans)
+    assert count >= 7
+    assert count <= rejected
 
 
 @pytest.mark.parametrize(
