@@ -109,6 +109,7 @@ QUIET_ALERTS = {
     "ChatMemoryNearLimit": "the gateway uses far less than its memory limit",
     "ChatIndexBacklogGrowing": "the backlog stays below ten messages, not 1000",
     "ChatIndexErrors": "the local embedder and Qdrant do not fail",
+    "ChatTraceSpansDropped": "the OTLP recorder accepts every export",
 }
 FIRING_ALERT = "ChatMessageRateHigh"
 
