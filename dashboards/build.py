@@ -351,11 +351,10 @@ PANELS: dict[int, Panel] = {
             id=18,
             title="Trace spans dropped",
             description=(
-                "The gateway's own spans (messages, batch writes, indexing) never "
-                "exported, by reason: export_failed (the collector rejected the "
-                "batch or did not answer in time), queue_full (spans came faster "
-                "than they were sent) or shutdown. Above zero, traces in Jaeger "
-                "miss spans."
+                "Spans never exported, by reason: export_failed (the collector "
+                "rejected the batch or did not answer in time), queue_full (the "
+                "gateway's spans came faster than they were sent) or shutdown. "
+                "Above zero, traces in Jaeger miss spans."
             ),
             unit="short",
             axis_label="spans/s",

@@ -147,8 +147,8 @@ class Metrics:
         )
         self.trace_spans_dropped = Counter(
             "chat_trace_spans_dropped",
-            "Finished spans of the gateway's own that were never exported, by "
-            "reason: queue_full, shutdown or export_failed.",
+            "Finished spans that were never exported, by reason: queue_full, "
+            "shutdown or export_failed (route spans included).",
             ["reason"],
             registry=registry,
         )

@@ -993,7 +993,8 @@ class SpanQueue:
         self._stopping = False
         self.dropped = 0
         # Called with each count of spans dropped and the reason (queue_full,
-        # shutdown or export_failed): the gateway counts them in a metric.
+        # shutdown or export_failed), through report_drop. The gateway counts
+        # them in a metric.
         self.on_drop: Callable[[int, str], object] | None = None
         self._next_drop_warning = 0.0
         self._thread = threading.Thread(
@@ -1027,7 +1028,7 @@ class SpanQueue:
         count = len(encoded)
         if waiting + count > self._max_queue_size or self._stopping:
             self.dropped += count
-            self._report_drop(count, "shutdown" if self._stopping else "queue_full")
+            self.report_drop(count, "shutdown" if self._stopping else "queue_full")
             now = time.monotonic()
             if now >= self._next_drop_warning:  # the first, then every 10 s at most
                 self._next_drop_warning = now + _DROP_WARNING_SECONDS
@@ -1074,9 +1075,10 @@ class SpanQueue:
                     if not sent:
                         logger.warning("export of %d spans failed: dropped", count)
                 if not sent:
-                    self._report_drop(count, "export_failed")
+                    self.report_drop(count, "export_failed")
 
-    def _report_drop(self, count: int, reason: str) -> None:
+    def report_drop(self, count: int, reason: str) -> None:
+        """Pass ``count`` spans dropped for ``reason`` to ``on_drop``, if set."""
         if self.on_drop is not None:
             self.on_drop(count, reason)
 

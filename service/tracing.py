@@ -42,15 +42,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace import Tracer as SdkTracer
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Span, SpanContext, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -194,7 +198,7 @@ class GatewayTracerProvider(TracerProvider):
         super().__init__(resource=resource)
         self.add_span_processor(
             BatchSpanProcessor(
-                exporter,
+                _FailureReporter(exporter, self.span_queue.report_drop),
                 max_queue_size=queue_size,
                 schedule_delay_millis=delay_ms,
                 max_export_batch_size=batch_size,
@@ -208,6 +212,33 @@ class GatewayTracerProvider(TracerProvider):
     def shutdown(self) -> None:
         self.span_queue.shutdown()
         super().shutdown()
+
+
+class _FailureReporter(SpanExporter):
+    """An exporter that reports the count of spans in each failed export.
+
+    The SDK's batch span processor, which sends the spans of the HTTP routes,
+    only logs them. Passed to the span queue's ``report_drop``, they are
+    counted with the queue's own failed exports.
+    """
+
+    def __init__(
+        self, exporter: SpanExporter, report: Callable[[int, str], object]
+    ) -> None:
+        self._exporter = exporter
+        self._report = report
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = self._exporter.export(spans)
+        if result is not SpanExportResult.SUCCESS:
+            self._report(len(spans), "export_failed")
+        return result
+
+    def shutdown(self) -> None:
+        self._exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return bool(self._exporter.force_flush(timeout_millis))
 
 
 class Tracing:

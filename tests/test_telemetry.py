@@ -600,7 +600,7 @@ class _RejectingReceiver(BaseHTTPRequestHandler):
 async def test_failed_exports_counted_in_metric(
     gateway_factory: Any, connect: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Spans of a rejected export show as export_failed drops."""
+    """Every span of a rejected export, route spans included, counts as dropped."""
     port = free_port()
     receiver = ThreadingHTTPServer(("127.0.0.1", port), _RejectingReceiver)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
@@ -612,36 +612,48 @@ async def test_failed_exports_counted_in_metric(
         gateway = gateway_factory(
             tracer_provider=create_tracer_provider(), indexing_enabled=False
         )
-        client = await connect(gateway, gateway.token("t1", "olga"))
+        token = gateway.token("t1", "olga")
+        client = await connect(gateway, token)
         for number in range(3):
             await client.send(f"m{number}", f"fail-{number}")
+        async with http(gateway) as api:
+            # A route span, sent by the SDK's batch span processor.
+            history = await api.get(
+                "/api/tasks/t1/messages", headers={"Authorization": f"Bearer {token}"}
+            )
+            assert history.status_code == 200
 
-        async def dropped() -> float:
-            async with http(gateway) as api:
+            # Each rejected export is counted once its response is read.
+            deadline = time.monotonic() + 15
+            while True:
                 values = _samples((await api.get("/metrics")).text)
-            return values[_dropped("export_failed")]
-
-        # One message span and its emit child each, and at least one batch span.
-        deadline = time.monotonic() + 15
-        while await dropped() < 7 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.3)  # let any later export land in the count too
-        count = await dropped()
+                count = values[_dropped("export_failed")]
+                scopes = _rejected_spans_by_scope()
+                if count == sum(scopes.values()) and len(scopes) > 1:
+                    break
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
         gateway.stop()
     finally:
         receiver.shutdown()
 
-    # The count covers no more spans than the receiver rejected, and the exports
-    # after the scrape (at shutdown) were rejected too.
-    rejected = 0
-    for body in _RejectingReceiver.bodies:
+    # 3 message spans and their emit children, and at least one batch span.
+    assert scopes["chat-gateway"] >= 7
+    assert scopes["opentelemetry.instrumentation.fastapi"] >= 1
+    assert count == sum(scopes.values())
+
+
+def _rejected_spans_by_scope() -> dict[str, int]:
+    """Count the spans the rejecting receiver got, by instrumentation scope."""
+    counts: dict[str, int] = {}
+    for body in list(_RejectingReceiver.bodies):
         request = ExportTraceServiceRequest.FromString(body)
         for resource_spans in request.resource_spans:
             for scope in resource_spans.scope_spans:
-                if scope.scope.name == "chat-gateway":
-                    rejected += len(scope.spans)
-    assert count >= 7
-    assert count <= rejected
+                name = scope.scope.name
+                counts[name] = counts.get(name, 0) + len(scope.spans)
+    return counts
 
 
 @pytest.mark.parametrize(
