@@ -61,7 +61,7 @@ LOOP_LAG_BUCKETS = (
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 INDEX_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-# Why the span queue dropped spans: the label values of chat_trace_spans_dropped.
+# Label values of chat_trace_spans_dropped: why a span was never exported.
 SPAN_DROP_REASONS = ("queue_full", "shutdown", "export_failed")
 CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -297,7 +297,7 @@ class Metrics:
             self.trace_spans_dropped.labels(reason=reason)
 
     def count_dropped_spans(self, count: int, reason: str) -> None:
-        """Count ``count`` spans the span queue dropped, for ``reason``."""
+        """Add ``count`` spans that were never exported, for ``reason``."""
         self.trace_spans_dropped.labels(reason=reason).inc(count)
 
     def exposition_registry(self) -> CollectorRegistry:

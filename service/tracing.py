@@ -218,8 +218,8 @@ class _FailureReporter(SpanExporter):
     """An exporter that reports the count of spans in each failed export.
 
     The SDK's batch span processor, which sends the spans of the HTTP routes,
-    only logs them. Passed to the span queue's ``report_drop``, they are
-    counted with the queue's own failed exports.
+    only logs a failed export. Reported through the span queue's
+    ``report_drop``, its spans are counted with the queue's own failed exports.
     """
 
     def __init__(

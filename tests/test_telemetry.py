@@ -21,7 +21,6 @@ from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.embedded import free_port
 from service.logs import JsonFormatter, _timestamp
 from service.metrics import TracedHistogram
 from service.tracing import GatewayTracerProvider, create_tracer_provider
@@ -433,30 +432,52 @@ def test_unsampled_span_logs_keep_trace_id() -> None:
     assert line["trace_id"] == TRACEPARENT.split("-")[1]
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    received: list[bytes] = []
+class _OtlpReceiver:
+    """An OTLP/HTTP receiver on 127.0.0.1 that records the request bodies.
 
-    def do_POST(self) -> None:
-        length = int(self.headers["Content-Length"])
-        _Receiver.received.append(self.rfile.read(length))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.end_headers()
+    It responds with ``status``. With ``hold``, each response waits until
+    ``release`` is set.
+    """
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+    def __init__(self, status: int = 200, *, hold: bool = False) -> None:
+        self.bodies: list[bytes] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers["Content-Length"])
+                receiver.bodies.append(self.rfile.read(length))
+                receiver.entered.set()
+                receiver.release.wait(30)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        """Release any held request and stop serving."""
+        self.release.set()
+        self.server.shutdown()
 
 
 async def test_otlp_export_reaches_receiver(spawn_gateway: Any) -> None:
     """With OTEL_EXPORTER_OTLP_ENDPOINT set, spans reach an OTLP/HTTP receiver."""
-    port = free_port()
-    receiver = ThreadingHTTPServer(("127.0.0.1", port), _Receiver)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    _Receiver.received = []
+    receiver = _OtlpReceiver()
     try:
         process = spawn_gateway(
             env={
-                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
                 "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
                 "OTEL_BSP_SCHEDULE_DELAY": "200",
                 "OTEL_SERVICE_NAME": "chat-gateway-test",
@@ -470,14 +491,14 @@ async def test_otlp_export_reaches_receiver(spawn_gateway: Any) -> None:
                 headers={"Authorization": f"Bearer {_token(process)}"},
             )
         ack = response.json()
-        await eventually(lambda: _Receiver.received, timeout=15)
+        await eventually(lambda: receiver.bodies, timeout=15)
         process.stop()
     finally:
-        receiver.shutdown()
+        receiver.stop()
 
     exported: dict[str, Any] = {}
     services: set[str] = set()
-    for body in _Receiver.received:
+    for body in receiver.bodies:
         request = ExportTraceServiceRequest.FromString(body)
         for resource_spans in request.resource_spans:
             for attribute in resource_spans.resource.attributes:
@@ -513,36 +534,13 @@ async def test_otlp_export_reaches_receiver(spawn_gateway: Any) -> None:
     assert message.parent_span_id == route.span_id
 
 
-class _HeldReceiver(BaseHTTPRequestHandler):
-    """An OTLP/HTTP receiver that responds only once ``release`` is set."""
-
-    entered = threading.Event()
-    release = threading.Event()
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
-        _HeldReceiver.entered.set()
-        _HeldReceiver.release.wait(30)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 async def test_dropped_spans_counted_in_metric(
     gateway_factory: Any, connect: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Spans dropped by a full span queue show in chat_trace_spans_dropped_total."""
-    port = free_port()
-    receiver = ThreadingHTTPServer(("127.0.0.1", port), _HeldReceiver)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    _HeldReceiver.entered.clear()
-    _HeldReceiver.release.clear()
+    receiver = _OtlpReceiver(hold=True)
     settings = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         "OTEL_BSP_MAX_QUEUE_SIZE": "4",
         "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2",
@@ -558,54 +556,34 @@ async def test_dropped_spans_counted_in_metric(
         # spans of the messages after it fill the queue of 4.
         for number in range(12):
             await client.send(f"m{number}", f"drop-{number}")
-        assert await asyncio.to_thread(_HeldReceiver.entered.wait, 10)
+        assert await asyncio.to_thread(receiver.entered.wait, 10)
         await asyncio.sleep(0.2)  # the last spans wait 50 ms to be encoded
         async with http(gateway) as api:
             values = _samples((await api.get("/metrics")).text)
         dropped = provider.span_queue.dropped
-        _HeldReceiver.release.set()
+        receiver.release.set()
         gateway.stop()  # sends what waits while the receiver still responds
     finally:
-        _HeldReceiver.release.set()
-        receiver.shutdown()
+        receiver.stop()
 
     # 12 messages make at least 24 spans: at most 4 wait and 2 are being sent.
     assert dropped >= 24 - 4 - 2
-    assert values[_dropped("queue_full")] == dropped
-    assert values[_dropped("export_failed")] == 0
-    assert values[_dropped("shutdown")] == 0
+    assert values[_dropped_key("queue_full")] == dropped
+    assert values[_dropped_key("export_failed")] == 0
+    assert values[_dropped_key("shutdown")] == 0
 
 
-def _dropped(reason: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+def _dropped_key(reason: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Return the sample key of chat_trace_spans_dropped_total for ``reason``."""
     return ("chat_trace_spans_dropped_total", (("reason", reason),))
-
-
-class _RejectingReceiver(BaseHTTPRequestHandler):
-    """An OTLP/HTTP receiver that rejects every request with 400 Bad Request."""
-
-    bodies: list[bytes] = []
-
-    def do_POST(self) -> None:
-        _RejectingReceiver.bodies.append(
-            self.rfile.read(int(self.headers["Content-Length"]))
-        )
-        self.send_response(400)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 async def test_failed_exports_counted_in_metric(
     gateway_factory: Any, connect: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every span of a rejected export, route spans included, counts as dropped."""
-    port = free_port()
-    receiver = ThreadingHTTPServer(("127.0.0.1", port), _RejectingReceiver)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    _RejectingReceiver.bodies = []
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    receiver = _OtlpReceiver(400)  # 400 Bad Request: the exporter does not retry
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
     try:
@@ -625,18 +603,16 @@ async def test_failed_exports_counted_in_metric(
 
             # Each rejected export is counted once its response is read.
             deadline = time.monotonic() + 15
-            while True:
+            while time.monotonic() < deadline:
                 values = _samples((await api.get("/metrics")).text)
-                count = values[_dropped("export_failed")]
-                scopes = _rejected_spans_by_scope()
+                count = values[_dropped_key("export_failed")]
+                scopes = _spans_by_scope(receiver.bodies)
                 if count == sum(scopes.values()) and len(scopes) > 1:
-                    break
-                if time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.1)
         gateway.stop()
     finally:
-        receiver.shutdown()
+        receiver.stop()
 
     # 3 message spans and their emit children, and at least one batch span.
     assert scopes["chat-gateway"] >= 7
@@ -644,10 +620,10 @@ async def test_failed_exports_counted_in_metric(
     assert count == sum(scopes.values())
 
 
-def _rejected_spans_by_scope() -> dict[str, int]:
-    """Count the spans the rejecting receiver got, by instrumentation scope."""
+def _spans_by_scope(bodies: list[bytes]) -> dict[str, int]:
+    """Count the spans of export requests, by instrumentation scope."""
     counts: dict[str, int] = {}
-    for body in list(_RejectingReceiver.bodies):
+    for body in list(bodies):
         request = ExportTraceServiceRequest.FromString(body)
         for resource_spans in request.resource_spans:
             for scope in resource_spans.scope_spans:
